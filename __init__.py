@@ -1,0 +1,1 @@
+"""dgemma: a compact, fast reimplementation of Google's DiffusionGemma."""

@@ -1,0 +1,1 @@
+"""Export of one refinement pass and the encoder pass to ONNX and TensorRT engines."""

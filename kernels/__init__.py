@@ -1,0 +1,1 @@
+"""Fused Triton kernels (attention, MoE, vocabulary pass); they arrive with the kernel issues."""

@@ -1,0 +1,1 @@
+"""The plain PyTorch DiffusionGemma: config, forward pass, KV cache, checkpoint loading, tokenizer."""

@@ -1,0 +1,80 @@
+"""Preallocated KV cache shared by the encoder (which commits tokens) and the decoder (which only reads them).
+
+Every layer owns a ring of R slots and position p lives in slot p % R. Full layers get R = max_len and never wrap.
+Sliding layers get R = W - 1 + chunk: the W - 1 committed keys any later query can still see, plus room for one
+chunk (a canvas, or a prompt piece of at most `chunk` tokens). A chunk at positions [n, n + T) therefore only
+evicts positions <= n - W, which no query at or after n sees. The decoder stages its canvas K/V in the slots the
+commit will later fill, without advancing `length`, so the committed prefix is never modified.
+
+Masks come from two small tensors per layer type: the position held by each slot (-1 when empty) and a per-row
+validity bit (False for left padding). Legend: B batch, T chunk tokens, R slots, S active slots.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import FULL, SLIDING, Config
+
+WINDOW_MODES = ("shared", "per_token")
+
+
+class KVCache:
+    def __init__(self, config: Config, batch: int, max_len: int, *, dtype, device, window: str = "shared"):
+        if window not in WINDOW_MODES:
+            raise ValueError(f"window must be one of {WINDOW_MODES}, not {window!r}")
+        self.config, self.batch, self.max_len, self.window = config, batch, max_len, window
+        self.chunk = config.canvas_length
+        self.length = 0  # committed tokens
+        W = config.sliding_window
+        self.slots_of = {FULL: max_len, SLIDING: min(max_len, W - 1 + self.chunk)}
+        self.k, self.v = [], []
+        for kind in config.layer_types:
+            shape = (batch, config.num_kv_heads(kind), self.slots_of[kind], config.head_dim_of(kind))
+            self.k.append(torch.zeros(shape, dtype=dtype, device=device))
+            self.v.append(torch.zeros(shape, dtype=dtype, device=device))
+        self.pos = {kind: torch.full((R,), -1, device=device) for kind, R in self.slots_of.items()}
+        self.valid = {kind: torch.zeros(batch, R, dtype=torch.bool, device=device) for kind, R in self.slots_of.items()}
+
+    def stage(self, T: int, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Claims the slots of positions [length, length + T); returns their indices per layer type."""
+        if T > self.chunk:
+            raise ValueError(f"a chunk of {T} tokens exceeds the cache's chunk size {self.chunk}")
+        if self.length + T > self.max_len:
+            raise ValueError(f"cache of {self.max_len} positions is full ({self.length} committed + {T})")
+        device = self.pos[FULL].device
+        positions = torch.arange(self.length, self.length + T, device=device)
+        valid = torch.ones(self.batch, T, dtype=torch.bool, device=device) if valid is None else valid.bool()
+        slots = {}
+        for kind, R in self.slots_of.items():
+            slots[kind] = positions % R
+            self.pos[kind][slots[kind]] = positions
+            self.valid[kind][:, slots[kind]] = valid
+        return slots
+
+    def commit(self, T: int):
+        self.length += T
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int):
+        """Stores k, v (B, Hkv, T, d) in their slots; returns the active keys and values (B, Hkv, S, d)."""
+        self.k[layer][:, :, slots] = k
+        self.v[layer][:, :, slots] = v
+        S = min(self.k[layer].shape[2], end)  # slots at or past `end` were never written
+        return self.k[layer][:, :, :S], self.v[layer][:, :, :S]
+
+    def mask(self, kind: str, T: int, causal: bool) -> torch.Tensor:
+        """Which active slots each query of the staged chunk sees: (B, 1, T, S) bool."""
+        n, W = self.length, self.config.sliding_window
+        S = min(self.slots_of[kind], n + T)
+        pos, valid = self.pos[kind][:S], self.valid[kind][:, :S]
+        q = torch.arange(n, n + T, device=pos.device)[:, None]  # (T, 1)
+        seen = ((pos >= 0) & (pos < n + T)).expand(T, S)  # stale or empty slots
+        if causal:
+            seen = seen & (pos <= q)
+            if kind == SLIDING:
+                seen = seen & (pos > q - W)
+        elif kind == SLIDING:
+            # shared: every canvas query sees the same last W - 1 committed tokens (transformers' DynamicCache);
+            # per_token: a symmetric window |i - j| < W (vLLM, FlashAttention, Google's JAX since July 2026).
+            seen = seen & ((pos > n - W) if self.window == "shared" else ((q - pos).abs() < W))
+        return (seen & valid[:, None, :])[:, None]  # (B, 1, T, S)

@@ -1,0 +1,112 @@
+"""Loads an official DiffusionGemma checkpoint folder unchanged, memory-mapped, onto a model built on the meta device.
+
+The folder holds config.json, generation_config.json (optional), tokenizer.json, and the weights as one
+model.safetensors or shards listed in model.safetensors.index.json. The text weights are stored once, under
+`model.decoder.*`; the encoder shares them and only adds its own layer scalars. The name map:
+
+    ours                              checkpoint
+    <name>                            model.decoder.<name>    (embed_tokens is also the tied LM head)
+    layers.{i}.decoder_scalar         model.decoder.layers.{i}.layer_scalar
+    layers.{i}.encoder_scalar         model.encoder.language_model.layers.{i}.layer_scalar
+    (not loaded)                      model.encoder.vision_tower.*, model.encoder.embed_vision.*
+
+Any missing, unexpected or mis-shaped tensor, an unreadable or truncated file, or a config that does not match the
+tensors raises CheckpointError before any weight is copied.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import Config
+from .model import DiffusionGemma
+
+IGNORED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def checkpoint_name(name: str) -> str:
+    if m := re.fullmatch(r"layers\.(\d+)\.encoder_scalar", name):
+        return f"model.encoder.language_model.layers.{m[1]}.layer_scalar"
+    if m := re.fullmatch(r"layers\.(\d+)\.decoder_scalar", name):
+        return f"model.decoder.layers.{m[1]}.layer_scalar"
+    return f"model.decoder.{name}"
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """Checkpoint tensor name -> the safetensors file that holds it."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: folder / shard for name, shard in weight_map.items()}
+        if absent := sorted({str(p) for p in files.values() if not p.exists()}):
+            raise CheckpointError(f"{index} lists shards that do not exist: {absent}")
+        return files
+    single = folder / "model.safetensors"
+    if not single.exists():
+        raise CheckpointError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+    with _open(single) as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def _open(path: Path):
+    try:
+        return safe_open(path, framework="pt", device="cpu")  # memory-mapped
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def _shape(handle, name: str, path: Path) -> tuple[int, ...]:
+    try:
+        return tuple(handle.get_slice(name).get_shape())
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} does not hold {name}, which the index assigns to it") from e
+
+
+def read_config(folder: str | Path) -> Config:
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    return Config.from_json(path)
+
+
+def read_generation_config(folder: str | Path) -> dict:
+    path = Path(folder) / "generation_config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def load_model(path, *, dtype=torch.bfloat16, device="cpu", window="shared") -> DiffusionGemma:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a checkpoint folder")
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be torch.bfloat16 or torch.float32, not {dtype}")
+    config = read_config(folder)
+    with torch.device("meta"):
+        model = DiffusionGemma(config, window=window)
+    wanted = {checkpoint_name(name): (name, t.shape) for name, t in model.state_dict().items()}
+
+    files = weight_files(folder)
+    stored = {name for name in files if not name.startswith(IGNORED_PREFIXES)}
+    missing, unexpected = sorted(set(wanted) - stored), sorted(stored - set(wanted))
+    if missing or unexpected:
+        raise CheckpointError(f"{folder} does not match config.json: missing {missing[:8]}{'...' * (len(missing) > 8)}"
+                              f", unexpected {unexpected[:8]}{'...' * (len(unexpected) > 8)}")
+    handles = {p: _open(p) for p in sorted(set(files[name] for name in wanted))}
+    for name, (_, shape) in wanted.items():
+        found = _shape(handles[files[name]], name, files[name])
+        if found != tuple(shape):
+            raise CheckpointError(f"{name} is {list(found)} in the checkpoint but config.json implies {list(shape)}")
+
+    state = {ours: handles[files[name]].get_tensor(name).to(device=device, dtype=dtype)
+             for name, (ours, _) in wanted.items()}  # fmt: skip
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device).eval()

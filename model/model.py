@@ -1,0 +1,283 @@
+"""DiffusionGemma's text model in plain PyTorch: the reference every kernel, export and engine is checked against.
+
+One set of weights runs in two modes. `encode` is a causal pass that commits K/V to the cache (prompt prefill and
+canvas commits); `denoise` is a bidirectional pass over a canvas that reads the cache and returns soft-capped logits.
+The math follows ../shared/docs/architecture.md section 5; the numbered comments point at its steps.
+
+Legend: B batch, T tokens, C canvas, D hidden, H query heads, Hkv KV heads, d head dim, S cache slots, V vocab,
+E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import SLIDING, Config
+
+BACKENDS = ("torch",)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Gemma-4 RMSNorm in fp32: multiplies by w, not 1 + w; weightless when `weight` is None."""
+    xf = x.float()
+    y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    return (y if weight is None else y * weight.float()).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+def gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def rope_inv_freq(config: Config, kind: str) -> torch.Tensor:
+    """Split-half RoPE frequencies; proportional RoPE rotates the first 25% of pairs over the full head_dim."""
+    d, rope = config.head_dim_of(kind), config.rope_parameters[kind]
+    theta, factor = rope["rope_theta"], rope.get("partial_rotary_factor", 1.0)
+    if rope["rope_type"] == "proportional":
+        pairs = int(factor * d // 2)
+        rotated = 1.0 / theta ** (torch.arange(0, 2 * pairs, 2, dtype=torch.float, device="cpu") / d)
+        return torch.cat([rotated, torch.zeros(d // 2 - pairs, device="cpu")]) / rope.get("factor", 1.0)
+    dim = int(d * factor)
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, T, H, d); cos, sin (T, d)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def attention(q, k, v, mask):
+    """Score scale 1.0, no softcap, fp32 softmax. q (B, H, T, d); k, v (B, Hkv, S, d); mask (B, 1, T, S) bool."""
+    B, H, T, d = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv  # query head h reads KV head h // G
+    s = q.reshape(B, Hkv, G * T, d) @ k.transpose(-1, -2)  # (B, Hkv, G*T, S)
+    s = s.view(B, Hkv, G, T, S).float().masked_fill(~mask[:, None], torch.finfo(torch.float32).min)
+    p = s.softmax(-1).to(q.dtype).view(B, Hkv, G * T, S)
+    return (p @ v).view(B, H, T, d)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Config, layer: int):
+        super().__init__()
+        kind = config.layer_types[layer]
+        D, H, Hkv, d = config.hidden_size, config.num_attention_heads, config.num_kv_heads(kind), config.head_dim_of(kind)
+        self.layer, self.head_dim, self.eps = layer, d, config.rms_norm_eps
+        self.q_proj = nn.Linear(D, H * d, bias=False)
+        self.k_proj = nn.Linear(D, Hkv * d, bias=False)
+        self.v_proj = nn.Linear(D, Hkv * d, bias=False) if kind == SLIDING else None  # full layers: V = raw K
+        self.o_proj = nn.Linear(H * d, D, bias=False)
+        self.q_norm = RMSNorm(d, self.eps)
+        self.k_norm = RMSNorm(d, self.eps)
+
+    def forward(self, x, cos, sin, cache: KVCache, slots, mask):
+        B, T, _ = x.shape
+        shape = (B, T, -1, self.head_dim)
+        q = apply_rope(self.q_norm(self.q_proj(x).view(shape)), cos, sin)  # 2
+        k_raw = self.k_proj(x).view(shape)  # 3
+        v_raw = self.v_proj(x).view(shape) if self.v_proj is not None else k_raw
+        k = apply_rope(self.k_norm(k_raw), cos, sin)  # 4
+        v = rms_norm(v_raw, None, self.eps)
+        keys, values = cache.write(self.layer, slots, k.transpose(1, 2), v.transpose(1, 2), cache.length + T)  # 5
+        o = attention(q.transpose(1, 2), keys, values, mask)  # 6-8
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))  # 9
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.top_k, self.eps, self.root = config.top_k_experts, config.rms_norm_eps, config.hidden_size**-0.5
+        self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(config.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
+
+    def forward(self, r):
+        """r (T, D), the un-normalized residual -> routing weights (T, K) fp32 and expert ids (T, K)."""
+        z = rms_norm(r, None, self.eps) * self.scale * self.root  # 12
+        probs = self.proj(z).softmax(-1, dtype=torch.float32)  # over all E experts
+        weights, idx = probs.topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        return weights * self.per_expert_scale[idx], idx
+
+
+def moe(x, weights, idx, gate_up_proj, down_proj):
+    """Reference MoE, one expert at a time. x (T, D); gate_up_proj (E, 2I, D) rows [gate; up]; down_proj (E, D, I).
+
+    Each choice's output is scaled by its fp32 routing weight and summed over the K choices in fp32.
+    """
+    T, K = idx.shape
+    flat = idx.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=gate_up_proj.shape[0]).tolist()  # one host sync per layer
+    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+    for e, rows in enumerate(order.split(counts)):
+        if rows.numel() == 0:
+            continue
+        tok = rows // K
+        gate, up = F.linear(x[tok], gate_up_proj[e]).chunk(2, dim=-1)  # 13
+        y = F.linear(gelu_tanh(gate) * up, down_proj[e])
+        out.index_add_(0, tok, y.float() * weights.flatten()[rows, None])
+    return out.to(x.dtype)
+
+
+class Experts(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        E, I, D = config.num_experts, config.moe_intermediate_size, config.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x, weights, idx):
+        return moe(x, weights, idx, self.gate_up_proj, self.down_proj)
+
+
+class Layer(nn.Module):
+    def __init__(self, config: Config, layer: int):
+        super().__init__()
+        D, eps = config.hidden_size, config.rms_norm_eps
+        self.kind = config.layer_types[layer]
+        self.self_attn = Attention(config, layer)
+        self.input_layernorm = RMSNorm(D, eps)
+        self.post_attention_layernorm = RMSNorm(D, eps)
+        self.mlp = GatedMLP(D, config.intermediate_size)
+        self.pre_feedforward_layernorm = RMSNorm(D, eps)
+        self.post_feedforward_layernorm_1 = RMSNorm(D, eps)
+        self.router = Router(config)
+        self.experts = Experts(config)
+        self.pre_feedforward_layernorm_2 = RMSNorm(D, eps)
+        self.post_feedforward_layernorm_2 = RMSNorm(D, eps)
+        self.post_feedforward_layernorm = RMSNorm(D, eps)
+        # The two modes keep separate layer scalars (the checkpoint stores both sets).
+        self.register_buffer("encoder_scalar", torch.ones(1))
+        self.register_buffer("decoder_scalar", torch.ones(1))
+
+    def forward(self, x, rope, cache, slots, masks, decoder: bool):
+        cos, sin = rope[self.kind]
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache, slots[self.kind], masks[self.kind])
+        x = x + self.post_attention_layernorm(attn)  # 10
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))  # 11
+        flat = x.reshape(-1, x.shape[-1])
+        weights, idx = self.router(flat)  # 12
+        experts = self.experts(self.pre_feedforward_layernorm_2(flat), weights, idx).view_as(x)  # 13
+        experts = self.post_feedforward_layernorm_2(experts)  # 14
+        x = x + self.post_feedforward_layernorm(dense + experts)  # 15
+        return x * (self.decoder_scalar if decoder else self.encoder_scalar)  # 16
+
+
+class SelfConditioning(GatedMLP):
+    """Adds the previous step's soft embedding (through a GeGLU) to the canvas embedding, then a weightless norm."""
+
+    def __init__(self, config: Config):
+        super().__init__(config.hidden_size, config.intermediate_size)
+        self.eps = config.rms_norm_eps
+        self.pre_norm = RMSNorm(config.hidden_size, self.eps)
+
+    def forward(self, embedded, soft):
+        return rms_norm(embedded + super().forward(self.pre_norm(soft)), None, self.eps)
+
+
+class DiffusionGemma(nn.Module):
+    def __init__(self, config: Config, window: str = "shared"):
+        super().__init__()
+        self.config, self.window = config, window
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)  # tied LM head
+        self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(config)
+        for kind in set(config.layer_types):
+            self.register_buffer(f"inv_freq_{kind}", rope_inv_freq(config, kind), persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype=torch.bfloat16, device="cpu", backend="torch", window="shared"):
+        """Loads an official checkpoint folder unchanged (see checkpoint.py)."""
+        from .checkpoint import load_model
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+        return load_model(path, dtype=dtype, device=device, window=window)
+
+    @property
+    def dtype(self):
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self):
+        return self.embed_tokens.weight.device
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.config, batch, max_len, dtype=self.dtype, device=self.device, window=self.window)
+
+    def embed(self, ids):
+        # The sqrt(D) scale is cast to the weight dtype first: 53.0 in bf16, not 53.066.
+        return self.embed_tokens(ids) * torch.tensor(self.config.hidden_size**0.5, dtype=self.dtype)
+
+    def soft_embedding(self, logits):
+        """softmax(logits) @ E * sqrt(D): the expected embedding under the previous step's distribution."""
+        probs = logits.softmax(-1, dtype=torch.float32).to(self.dtype)
+        return (probs @ self.embed_tokens.weight) * torch.tensor(self.config.hidden_size**0.5, dtype=self.dtype)
+
+    def _layers(self, x, cache: KVCache, valid, decoder: bool):
+        T = x.shape[1]
+        positions = torch.arange(cache.length, cache.length + T, device=x.device)
+        slots = cache.stage(T, valid)
+        kinds = set(self.config.layer_types)
+        masks = {kind: cache.mask(kind, T, causal=not decoder) for kind in kinds}
+        rope = {}
+        for kind in kinds:
+            freqs = positions[:, None].float() * getattr(self, f"inv_freq_{kind}")  # fp32 angles, then cast
+            angles = torch.cat([freqs, freqs], dim=-1)
+            rope[kind] = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, rope, cache, slots, masks, decoder)
+        return self.norm(x)
+
+    @torch.no_grad()
+    def encode(self, ids, cache: KVCache, attention_mask=None):
+        """Causal pass that commits `ids` (B, T) to the cache, in chunks of the canvas length; returns (B, T, D)."""
+        out = []
+        for start in range(0, ids.shape[1], cache.chunk):
+            chunk = ids[:, start : start + cache.chunk]
+            valid = None if attention_mask is None else attention_mask[:, start : start + cache.chunk]
+            out.append(self._layers(self.embed(chunk), cache, valid, decoder=False))
+            cache.commit(chunk.shape[1])
+        return torch.cat(out, dim=1)
+
+    @torch.no_grad()
+    def denoise(self, canvas_ids, cache: KVCache, self_conditioning=None):
+        """One bidirectional pass over the canvas (B, C) after the committed prefix -> fp32 soft-capped logits (B, C, V).
+
+        `self_conditioning` is the previous step's processed (temperature-scaled) logits, None at a canvas's first step.
+        """
+        embedded = self.embed(canvas_ids)
+        soft = torch.zeros_like(embedded) if self_conditioning is None else self.soft_embedding(self_conditioning)
+        h = self._layers(self.self_conditioning(embedded, soft), cache, None, decoder=True)
+        return self.logits(h)
+
+    def logits(self, h):
+        cap = self.config.final_logit_softcapping
+        return cap * torch.tanh(F.linear(h, self.embed_tokens.weight).float() / cap)

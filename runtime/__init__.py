@@ -1,0 +1,1 @@
+"""Generation: the entropy-bound sampler, the block-diffusion loop and the command line."""
