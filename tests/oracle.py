@@ -30,7 +30,7 @@ GENERATION = {
 }  # fmt: skip
 
 
-def hf_model(config: Config, seed: int = 0) -> DiffusionGemmaForBlockDiffusion:
+def hf_model(config: Config, seed: int = 0, embed_std: float = 0.5) -> DiffusionGemmaForBlockDiffusion:
     hf_config = DiffusionGemmaConfig(
         text_config=config.hf_text_config(), vision_config=VISION, canvas_length=config.canvas_length,
         eos_token_id=[1], pad_token_id=0,
@@ -41,7 +41,7 @@ def hf_model(config: Config, seed: int = 0) -> DiffusionGemmaForBlockDiffusion:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("embed_tokens.weight"):
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+                p.copy_(embed_std * torch.randn(p.shape, generator=g))  # larger: sharper logits
             elif p.ndim == 1:  # norm weights, router scale, per-expert scale
                 p.copy_(0.5 + torch.rand(p.shape, generator=g))
             else:
@@ -53,10 +53,10 @@ def hf_model(config: Config, seed: int = 0) -> DiffusionGemmaForBlockDiffusion:
     return model
 
 
-def build_checkpoint(path, config: Config, seed: int = 0, *, generation=GENERATION, shard_size=None):
+def build_checkpoint(path, config: Config, seed: int = 0, *, embed_std=0.5, generation=GENERATION, shard_size=None):
     """Writes config.json, generation_config.json, model.safetensors (or shards) and tokenizer.json."""
     path = pathlib.Path(path)
-    model = hf_model(config, seed)
+    model = hf_model(config, seed, embed_std)
     kwargs = {} if shard_size is None else {"max_shard_size": shard_size}
     model.save_pretrained(path, **kwargs)
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2))

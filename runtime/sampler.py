@@ -1,0 +1,116 @@
+"""The entropy-bound sampler of ../shared/docs/sampler.md section 3, as pure functions over one denoising step.
+
+Per step: temperature-scale the soft-capped logits (a linear schedule keyed to the steps remaining), sample every
+position, accept the lowest-entropy positions whose entropies sum (less the largest) to at most the bound,
+re-randomize the rest uniformly, and stop the canvas once its argmax is stable and its mean entropy is below the
+confidence threshold. Random draws come from a `Draws` object, so the same math runs on transformers' draw order
+(`TorchDraws`, for token-for-token parity) or on a seeded generator that never synchronizes (`SeededDraws`).
+
+Legend: B batch, C canvas positions, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 256  # rounded up to whole canvases, as transformers does
+    max_denoising_steps: int = 48
+    t_min: float = 0.4
+    t_max: float = 0.8
+    entropy_bound: float = 0.1  # nats
+    stability_threshold: int = 1  # steps the argmax canvas must repeat; 0 = always stable
+    confidence_threshold: float = 0.005  # mean entropy (nats) under which a stable canvas stops; 0 = never early
+    stop_ids: tuple[int, ...] = (1, 106, 50)  # <eos>, <turn|>, <|tool_response>
+    pad_id: int = 0
+
+    def __post_init__(self):
+        self.stop_ids = tuple(self.stop_ids)
+        if self.max_new_tokens <= 0 or self.max_denoising_steps <= 0:
+            raise ValueError("max_new_tokens and max_denoising_steps must be positive")
+        if not 0 <= self.t_min < self.t_max:
+            raise ValueError(f"need 0 <= t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}")
+        if self.entropy_bound <= 0:
+            raise ValueError(f"entropy_bound must be > 0, got {self.entropy_bound}")
+        if self.stability_threshold < 0 or self.confidence_threshold < 0:
+            raise ValueError("stability_threshold and confidence_threshold must be >= 0")
+
+    @classmethod
+    def from_generation_config(cls, generation: dict, **overrides) -> SamplingConfig:
+        """Precedence: explicit overrides, then the checkpoint's generation_config.json, then the defaults above."""
+        values = {k: generation[k] for k in (f.name for f in fields(cls)) if generation.get(k) is not None}
+        if (sampler := generation.get("sampler_config")) and sampler.get("entropy_bound") is not None:
+            values["entropy_bound"] = sampler["entropy_bound"]
+        if (eos := generation.get("eos_token_id")) is not None:
+            values["stop_ids"] = eos if isinstance(eos, list) else [eos]
+        if generation.get("pad_token_id") is not None:
+            values["pad_id"] = generation["pad_token_id"]
+        return cls(**(values | {k: v for k, v in overrides.items() if v is not None}))
+
+
+def temperature(remaining: int, cfg: SamplingConfig) -> float:
+    """Linear in the steps remaining (N at the first step, 1 at the last): t_max first, never quite t_min."""
+    return cfg.t_min + (cfg.t_max - cfg.t_min) * remaining / cfg.max_denoising_steps
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of softmax(logits) per position, computed as torch.distributions.Categorical does."""
+    logp = logits - logits.logsumexp(-1, keepdim=True)
+    return -(logp.clamp(min=torch.finfo(logp.dtype).min) * logp.softmax(-1)).sum(-1)
+
+
+def entropy_bound_accept(H: torch.Tensor, bound: float) -> torch.Tensor:
+    """EB-sampler: accept the k lowest-entropy positions while the sum of their entropies less the largest <= bound."""
+    sorted_H, order = H.sort(dim=-1)
+    keep = sorted_H.cumsum(-1) - sorted_H <= bound  # the lowest-entropy position is always accepted
+    return torch.zeros_like(keep).scatter(-1, order, keep)
+
+
+def stable(history: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
+    """history (s, B, C) of earlier argmax canvases, -1 filled at a canvas start; rolls `argmax` in, returns (B,)."""
+    if history.shape[0] == 0:
+        return torch.ones(argmax.shape[0], dtype=torch.bool, device=argmax.device)
+    same = (history == argmax[None]).all(-1).all(0)
+    history.copy_(torch.cat([history[1:], argmax[None]]))
+    return same
+
+
+def finalize_canvas(canvas: torch.Tensor, finished: torch.Tensor, cfg: SamplingConfig):
+    """Rows already finished become all pad; a stop id anywhere ends its row, the stop kept and the tail padded.
+
+    Returns the committed canvas (B, C) and the updated finished flags (B,).
+    """
+    canvas = canvas.masked_fill(finished[:, None], cfg.pad_id)
+    is_stop = torch.isin(canvas, torch.tensor(cfg.stop_ids, device=canvas.device))
+    seen = is_stop.cumsum(-1)
+    after_stop = (seen > 0) & ~((seen == 1) & is_stop)
+    return canvas.masked_fill(after_stop, cfg.pad_id), finished | is_stop.any(-1)
+
+
+class TorchDraws:
+    """transformers' draws on the global RNG, in its order: randint canvas, then per step multinomial and randint."""
+
+    def canvas(self, B: int, C: int, V: int, device) -> torch.Tensor:
+        return torch.randint(0, V, (B, C), device=device)
+
+    def sample(self, probs: torch.Tensor) -> torch.Tensor:
+        B, C, V = probs.shape
+        return torch.multinomial(probs.view(-1, V), num_samples=1).view(B, C)
+
+
+class SeededDraws:
+    """Draws from a private generator; sampling is an exponential race (argmax p / Exp(1)), which needs no sync."""
+
+    def __init__(self, seed: int, device):
+        self.generator = torch.Generator(device).manual_seed(seed)
+
+    def canvas(self, B: int, C: int, V: int, device) -> torch.Tensor:
+        return torch.randint(0, V, (B, C), device=device, generator=self.generator)
+
+    def sample(self, probs: torch.Tensor) -> torch.Tensor:
+        race = torch.empty_like(probs).exponential_(generator=self.generator)
+        return (probs / race).argmax(-1)
