@@ -98,15 +98,18 @@ def load_model(path, *, dtype=torch.bfloat16, device="cpu", window="shared") -> 
     stored = {name for name in files if not name.startswith(IGNORED_PREFIXES)}
     missing, unexpected = sorted(set(wanted) - stored), sorted(stored - set(wanted))
     if missing or unexpected:
-        raise CheckpointError(f"{folder} does not match config.json: missing {missing[:8]}{'...' * (len(missing) > 8)}"
-                              f", unexpected {unexpected[:8]}{'...' * (len(unexpected) > 8)}")
+        raise CheckpointError(
+            f"{folder} does not match config.json: missing {missing[:8]}{'...' * (len(missing) > 8)}"
+            f", unexpected {unexpected[:8]}{'...' * (len(unexpected) > 8)}"
+        )
     handles = {p: _open(p) for p in sorted(set(files[name] for name in wanted))}
     for name, (_, shape) in wanted.items():
         found = _shape(handles[files[name]], name, files[name])
         if found != tuple(shape):
             raise CheckpointError(f"{name} is {list(found)} in the checkpoint but config.json implies {list(shape)}")
 
-    state = {ours: handles[files[name]].get_tensor(name).to(device=device, dtype=dtype)
-             for name, (ours, _) in wanted.items()}  # fmt: skip
+    state = {
+        ours: handles[files[name]].get_tensor(name).to(device=device, dtype=dtype) for name, (ours, _) in wanted.items()
+    }
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval()

@@ -74,11 +74,23 @@ class Config:
     def tiny(cls, **overrides) -> Config:
         """A few-kB model for tests: two sliding and two full layers, a window shorter than a prompt."""
         values = dict(
-            vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
-            layer_types=[SLIDING, FULL, SLIDING, FULL], num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            global_head_dim=32, num_global_key_value_heads=1, num_experts=4, top_k_experts=2, sliding_window=8,
-            max_position_embeddings=512, canvas_length=8,
-        )  # fmt: skip
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_hidden_layers=4,
+            layer_types=[SLIDING, FULL, SLIDING, FULL],
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            global_head_dim=32,
+            num_global_key_value_heads=1,
+            num_experts=4,
+            top_k_experts=2,
+            sliding_window=8,
+            max_position_embeddings=512,
+            canvas_length=8,
+        )
         return cls(**(values | overrides))
 
     @classmethod

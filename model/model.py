@@ -75,7 +75,8 @@ class Attention(nn.Module):
     def __init__(self, config: Config, layer: int):
         super().__init__()
         kind = config.layer_types[layer]
-        D, H, Hkv, d = config.hidden_size, config.num_attention_heads, config.num_kv_heads(kind), config.head_dim_of(kind)
+        D, H = config.hidden_size, config.num_attention_heads
+        Hkv, d = config.num_kv_heads(kind), config.head_dim_of(kind)
         self.layer, self.head_dim, self.eps = layer, d, config.rms_norm_eps
         self.q_proj = nn.Linear(D, H * d, bias=False)
         self.k_proj = nn.Linear(D, Hkv * d, bias=False)
@@ -269,9 +270,9 @@ class DiffusionGemma(nn.Module):
 
     @torch.no_grad()
     def denoise(self, canvas_ids, cache: KVCache, self_conditioning=None):
-        """One bidirectional pass over the canvas (B, C) after the committed prefix -> fp32 soft-capped logits (B, C, V).
+        """Bidirectional pass over the canvas (B, C) after the committed prefix -> fp32 soft-capped logits (B, C, V).
 
-        `self_conditioning` is the previous step's processed (temperature-scaled) logits, None at a canvas's first step.
+        `self_conditioning` is the previous step's processed (temperature-scaled) logits; None at a canvas's first step.
         """
         embedded = self.embed(canvas_ids)
         soft = torch.zeros_like(embedded) if self_conditioning is None else self.soft_embedding(self_conditioning)

@@ -204,9 +204,16 @@ class Pipeline:
         if warm_start is not None:
             warm_start = torch.as_tensor(warm_start, device=device).view(len(rows), self.model.config.canvas_length)
         sequences, stats = generate_ids(
-            self.model, ids, cfg, attention_mask=None if mask.all() else mask, reference=reference, seed=seed,
-            warm_start=warm_start, on_draft=on_draft, on_commit=on_commit,
-        )  # fmt: skip
+            self.model,
+            ids,
+            cfg,
+            attention_mask=None if mask.all() else mask,
+            reference=reference,
+            seed=seed,
+            warm_start=warm_start,
+            on_draft=on_draft,
+            on_commit=on_commit,
+        )
         tokens = []
         for row in sequences[:, P:].tolist():
             stop = next((i for i, t in enumerate(row) if t in cfg.stop_ids), None)

@@ -12,29 +12,47 @@ import pathlib
 import sys
 
 import torch
-from tiny_tokenizer import build_tiny_tokenizer
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
 from dgemma.model.config import Config
 
+from tiny_tokenizer import build_tiny_tokenizer
+
 VISION = dict(
-    model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-    num_key_value_heads=2, head_dim=16, patch_size=16, position_embedding_size=64, pooling_kernel_size=3,
-)  # fmt: skip  (transformers always builds a vision tower; ours ignores its weights)
+    model_type="gemma4_vision",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=16,
+    patch_size=16,
+    position_embedding_size=64,
+    pooling_kernel_size=3,
+)  # transformers always builds a vision tower; ours ignores its weights
 
 # The checkpoint's own generation_config.json, with the official file's structure.
 GENERATION = {
-    "max_denoising_steps": 48, "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
-    "t_max": 0.8, "t_min": 0.4, "stability_threshold": 1, "confidence_threshold": 0.005,
-    "eos_token_id": [1, 106, 50], "pad_token_id": 0, "max_new_tokens": 256,
-}  # fmt: skip
+    "max_denoising_steps": 48,
+    "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
+    "t_max": 0.8,
+    "t_min": 0.4,
+    "stability_threshold": 1,
+    "confidence_threshold": 0.005,
+    "eos_token_id": [1, 106, 50],
+    "pad_token_id": 0,
+    "max_new_tokens": 256,
+}
 
 
 def hf_model(config: Config, seed: int = 0, embed_std: float = 0.5) -> DiffusionGemmaForBlockDiffusion:
     hf_config = DiffusionGemmaConfig(
-        text_config=config.hf_text_config(), vision_config=VISION, canvas_length=config.canvas_length,
-        eos_token_id=[1], pad_token_id=0,
-    )  # fmt: skip
+        text_config=config.hf_text_config(),
+        vision_config=VISION,
+        canvas_length=config.canvas_length,
+        eos_token_id=[1],
+        pad_token_id=0,
+    )
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(hf_config).eval()
     g = torch.Generator().manual_seed(seed)

@@ -7,20 +7,31 @@ Each config randomizes every norm, scale and layer scalar (tests/oracle.py). For
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import build_checkpoint
 from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 
 from dgemma import DiffusionGemma, Pipeline
 from dgemma.model.config import FULL, SLIDING, Config
 
+from oracle import build_checkpoint
+
 CONFIGS = {
     "tiny": Config.tiny(),  # alternating sliding/full, window 8 < a 13-token prompt, GQA groups 2 and 4
     "odd": Config.tiny(  # window 5 < canvas 6; GQA groups 1 and 2; 5 experts top-3; a global layer first
-        hidden_size=48, intermediate_size=40, moe_intermediate_size=24, num_hidden_layers=3,
-        layer_types=[FULL, SLIDING, FULL], num_attention_heads=4, num_key_value_heads=4, head_dim=8,
-        global_head_dim=24, num_global_key_value_heads=2, num_experts=5, top_k_experts=3, sliding_window=5,
+        hidden_size=48,
+        intermediate_size=40,
+        moe_intermediate_size=24,
+        num_hidden_layers=3,
+        layer_types=[FULL, SLIDING, FULL],
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=8,
+        global_head_dim=24,
+        num_global_key_value_heads=2,
+        num_experts=5,
+        top_k_experts=3,
+        sliding_window=5,
         canvas_length=6,
-    ),  # fmt: skip
+    ),
 }
 ATOL = 1e-4
 
@@ -35,21 +46,29 @@ def pair(request, tmp_path_factory):
 
 def hf_trace(hf, prompt, canvas1, canvas2, sc_logits, mask):
     """Prefill, two decoder steps (without and with self-conditioning), a commit, then a step on the next canvas."""
-    (B, P), C = prompt.shape, canvas1.shape[1]
+    P, C = prompt.shape[1], canvas1.shape[1]
     cache = DynamicCache(config=hf.config.text_config)
     span = lambda a, b: torch.arange(a, b)[None]  # noqa: E731
     grow = lambda k: F.pad(mask, (0, k * C), value=True)  # noqa: E731
-    out = {"enc1": hf.model.encoder(input_ids=prompt, attention_mask=mask, past_key_values=cache,
-                                    position_ids=span(0, P)).last_hidden_state}  # fmt: skip
+    out = {
+        "enc1": hf.model.encoder(
+            input_ids=prompt, attention_mask=mask, past_key_values=cache, position_ids=span(0, P)
+        ).last_hidden_state
+    }
     out["kv1"] = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
     step = dict(past_key_values=cache, decoder_attention_mask=grow(1), decoder_position_ids=span(P, P + C))
     out["dec1"] = hf(decoder_input_ids=canvas1, **step).logits
     out["dec2"] = hf(decoder_input_ids=canvas1, self_conditioning_logits=sc_logits, **step).logits
-    out["enc2"] = hf.model.encoder(input_ids=canvas1, attention_mask=grow(1), past_key_values=cache,
-                                   position_ids=span(P, P + C)).last_hidden_state  # fmt: skip
+    out["enc2"] = hf.model.encoder(
+        input_ids=canvas1, attention_mask=grow(1), past_key_values=cache, position_ids=span(P, P + C)
+    ).last_hidden_state
     out["kv2"] = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
-    out["dec3"] = hf(decoder_input_ids=canvas2, past_key_values=cache, decoder_attention_mask=grow(2),
-                     decoder_position_ids=span(P + C, P + 2 * C)).logits  # fmt: skip
+    out["dec3"] = hf(
+        decoder_input_ids=canvas2,
+        past_key_values=cache,
+        decoder_attention_mask=grow(2),
+        decoder_position_ids=span(P + C, P + 2 * C),
+    ).logits
     return out
 
 
@@ -89,8 +108,10 @@ def test_forward_matches_transformers(pair, pad):
     before = [tuple(t.clone() for t in committed(cache, i, n)) for i, n in enumerate(kept)]
     torch.testing.assert_close(model.denoise(canvas1, cache), ref["dec1"], atol=ATOL, rtol=0)
     torch.testing.assert_close(model.denoise(canvas1, cache, sc_logits), ref["dec2"], atol=ATOL, rtol=0)
-    for i, (k, v) in enumerate(before):  # the decoder reads the committed prefix, never writes it
-        assert cache.length == P and all(torch.equal(a, b) for a, b in zip((k, v), committed(cache, i, kept[i])))
+    assert cache.length == P  # the decoder reads the committed prefix, never writes it
+    for i, (k, v) in enumerate(before):
+        k_now, v_now = committed(cache, i, kept[i])
+        assert torch.equal(k, k_now) and torch.equal(v, v_now)
     enc2 = model.encode(canvas1, cache)
     torch.testing.assert_close(enc2, ref["enc2"], atol=ATOL, rtol=0)
     assert_cache_equal(cache, ref["kv2"], F.pad(mask, (0, C), value=True))
@@ -127,10 +148,16 @@ def test_per_token_window_matches_transformers_with_that_mask(pair):
         kept = min(P, W - 1)  # what transformers' sliding layers hold
         keys = torch.cat([torch.arange(P - kept, P), torch.arange(P, P + C)])
         queries = torch.arange(P, P + C)
-        masks = {SLIDING: ((queries[:, None] - keys[None]).abs() < W)[None, None],
-                 FULL: torch.ones(1, 1, C, P + C, dtype=torch.bool)}  # fmt: skip
-        ref = hf(decoder_input_ids=canvas, past_key_values=cache, decoder_attention_mask=masks,
-                 decoder_position_ids=queries[None]).logits  # fmt: skip
+        masks = {
+            SLIDING: ((queries[:, None] - keys[None]).abs() < W)[None, None],
+            FULL: torch.ones(1, 1, C, P + C, dtype=torch.bool),
+        }
+        ref = hf(
+            decoder_input_ids=canvas,
+            past_key_values=cache,
+            decoder_attention_mask=masks,
+            decoder_position_ids=queries[None],
+        ).logits
     model.window = "per_token"
     try:
         ours = model.new_cache(1, P + C)
@@ -152,7 +179,8 @@ def sharp(tmp_path_factory):
     """A checkpoint with sharp logits, reloaded by transformers so its generate reads generation_config.json."""
     path = tmp_path_factory.mktemp("sharp")
     build_checkpoint(path, Config.tiny(), seed=3, embed_std=2.0)
-    return DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval(), Pipeline.from_pretrained(path, dtype=torch.float32)
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval()
+    return hf, Pipeline.from_pretrained(path, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("case", GENERATE_CASES)

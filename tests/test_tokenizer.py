@@ -1,5 +1,7 @@
 import pytest
+
 from dgemma.model.tokenizer import Tokenizer, format_chat
+
 from tiny_tokenizer import SPECIAL, VOCAB_SIZE, build_tiny_tokenizer
 
 EMPTY_THOUGHT = "<|turn>model\n<|channel>thought\n<channel|>"
