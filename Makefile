@@ -1,0 +1,29 @@
+# Two commands set everything up on a fresh machine: `make test` and `make demo`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test lint demo clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned, so no newer (CUDA-sized) build is pulled in by a range.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q
+
+# Until the embedded Sudoku model ships, the demo generates with a tiny random checkpoint built by the tests' oracle.
+demo: $(STAMP)
+	$(PY) tests/oracle.py build/tiny
+	$(VENV)/bin/dgemma generate --model build/tiny --max-new-tokens 16 --steps 8 "Why is the sky blue?"
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info
