@@ -10,8 +10,8 @@ model.safetensors or shards listed in model.safetensors.index.json. The text wei
     layers.{i}.encoder_scalar         model.encoder.language_model.layers.{i}.layer_scalar
     (not loaded)                      model.encoder.vision_tower.*, model.encoder.embed_vision.*
 
-Any missing, unexpected or mis-shaped tensor, an unreadable or truncated file, or a config that does not match the
-tensors raises CheckpointError before any weight is copied.
+Any missing, unexpected or mis-shaped tensor, an unreadable or truncated file holding text weights, or a config that
+does not match the tensors raises CheckpointError before any weight is copied.
 """
 
 from __future__ import annotations

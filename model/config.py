@@ -47,6 +47,8 @@ class Config:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
         if unknown := set(self.layer_types) - {SLIDING, FULL}:
             raise ValueError(f"unknown layer types {sorted(unknown)}")
+        if self.layer_types[-1] != FULL:
+            raise ValueError("the last layer must be full_attention (transformers silently forces it)")
         if self.hidden_activation != "gelu_pytorch_tanh":
             raise ValueError(f"hidden_activation {self.hidden_activation!r} is not supported (gelu_pytorch_tanh)")
         for kind in set(self.layer_types):

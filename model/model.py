@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache
+from .cache import WINDOW_MODES, KVCache
 from .config import SLIDING, Config
 
 BACKENDS = ("torch",)
@@ -205,6 +205,8 @@ class SelfConditioning(GatedMLP):
 class DiffusionGemma(nn.Module):
     def __init__(self, config: Config, window: str = "shared"):
         super().__init__()
+        if window not in WINDOW_MODES:
+            raise ValueError(f"window must be one of {WINDOW_MODES}, not {window!r}")
         self.config, self.window = config, window
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)  # tied LM head
         self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_hidden_layers))
