@@ -1,0 +1,37 @@
+"""The repository installs as one distribution, `dgemma`, whose subpackages are the top-level folders."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import dgemma
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_editable_install_imports_from_the_repository():
+    assert Path(dgemma.__file__).resolve() == ROOT / "__init__.py"
+
+
+def test_wheel_holds_the_subpackages_and_imports(tmp_path):
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path, ROOT]
+    subprocess.run(build, check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("dgemma-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for module in ("__init__.py", "model/model.py", "model/checkpoint.py", "runtime/pipeline.py", "runtime/cli.py"):
+        assert f"dgemma/{module}" in names
+    assert not any(n.startswith(("model/", "runtime/", "tests/", "dgemma/tests/")) for n in names)  # no bare packages
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "dgemma = dgemma.runtime.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    probe = "import dgemma, dgemma.runtime.cli; from dgemma import DiffusionGemma, Pipeline; print(dgemma.__file__)"
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(site)!r}); {probe}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=True,
+    )
+    assert Path(done.stdout.strip()).resolve() == site / "dgemma" / "__init__.py"
