@@ -52,9 +52,13 @@ class SamplingConfig:
         return cls(**(values | {k: v for k, v in overrides.items() if v is not None}))
 
 
-def temperature(remaining: int, cfg: SamplingConfig) -> float:
-    """Linear in the steps remaining (N at the first step, 1 at the last): t_max first, never quite t_min."""
-    return cfg.t_min + (cfg.t_max - cfg.t_min) * remaining / cfg.max_denoising_steps
+def temperature(remaining: int, cfg: SamplingConfig) -> torch.Tensor:
+    """Linear in the steps remaining (N at the first step, 1 at the last): t_max first, never quite t_min.
+
+    Computed in fp32 from an int32 step count, as transformers does: a float64 schedule is 1 ulp off at 12 of 48 steps.
+    """
+    step = torch.tensor(remaining, dtype=torch.int32)
+    return cfg.t_min + (cfg.t_max - cfg.t_min) * (step / cfg.max_denoising_steps)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
