@@ -30,26 +30,9 @@ from dgemma.runtime.sampler import (
     temperature,
 )
 
-# The checkpoint's generation_config.json (../shared/docs/sampler.md section 2.1).
-OFFICIAL_GENERATION_CONFIG = {
-    "max_denoising_steps": 48,
-    "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
-    "t_max": 0.8,
-    "t_min": 0.4,
-    "stability_threshold": 1,
-    "confidence_threshold": 0.005,
-    "eos_token_id": [1, 106, 50],
-    "pad_token_id": 0,
-    "max_new_tokens": 256,
-}
-
+from oracle import GENERATION as OFFICIAL_GENERATION_CONFIG  # the checkpoint's generation_config.json
 
 F, T = False, True
-
-
-@pytest.fixture(autouse=True)
-def seed():
-    torch.manual_seed(0)
 
 
 def spread_logits(B, C, V):
