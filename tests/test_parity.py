@@ -218,3 +218,23 @@ def test_steps_matter(sharp):
     eight = pipe.generate([list(range(20, 33))], max_new_tokens=8, max_denoising_steps=8, seed=1)
     assert one.stats.steps_per_canvas == [1] and eight.stats.steps_per_canvas[0] > 1
     assert one.tokens != eight.tokens
+
+
+def test_bf16_error_is_within_twice_transformers_own(tmp_path):
+    """In bf16 both implementations round differently; ours may be at most twice as far from the fp32 truth."""
+    build_checkpoint(tmp_path, Config.tiny(), seed=4)
+    prompt, canvas = torch.randint(3, 256, (1, 13)), torch.randint(0, 256, (1, 8))
+
+    def hf_logits(dtype):
+        hf = DiffusionGemmaForBlockDiffusion.from_pretrained(tmp_path, dtype=dtype).eval()
+        cache = DynamicCache(config=hf.config.text_config)
+        with torch.no_grad():
+            hf.model.encoder(input_ids=prompt, past_key_values=cache, position_ids=torch.arange(13)[None])
+            return hf(decoder_input_ids=canvas, past_key_values=cache, decoder_position_ids=torch.arange(13, 21)[None])
+
+    truth, theirs = hf_logits(torch.float32).logits, hf_logits(torch.bfloat16).logits
+    model = DiffusionGemma.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    cache = model.new_cache(1, 21)
+    model.encode(prompt, cache)
+    ours = model.denoise(canvas, cache)
+    assert (ours - truth).abs().max() <= 2 * (theirs - truth).abs().max()
