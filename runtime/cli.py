@@ -11,6 +11,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
+from ..model.cache import WINDOW_MODES
 from ..model.checkpoint import CheckpointError
 from ..model.model import BACKENDS
 from .pipeline import Draft, Pipeline
@@ -34,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--backend", choices=BACKENDS, default="torch")
-    g.add_argument("--window", choices=["shared", "per_token"], default="shared", help="decoder sliding window")
+    g.add_argument("--window", choices=WINDOW_MODES, default="shared", help="decoder sliding window")
     return p
 
 

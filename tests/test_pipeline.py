@@ -9,7 +9,7 @@ import torch
 
 from dgemma import DiffusionGemma, Pipeline
 from dgemma.runtime.cli import main
-from dgemma.runtime.sampler import SamplingConfig
+from dgemma.runtime.sampler import SamplingConfig, SeededDraws
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +54,12 @@ def test_batch_rows_equal_single_rows(pipe):
     the same prompt run alone."""
     rows = [[5, 6, 7, 8, 9], [40, 41, 42]]
     batch = pipe.generate(rows, max_new_tokens=8, max_denoising_steps=1, seed=0, stop_ids=[])
+    P = max(map(len, rows))
+    first = SeededDraws(0, "cpu").canvas(2, 8, 256, "cpu")  # the batch's starting canvas
     for i, row in enumerate(rows):
         alone = pipe.model.new_cache(1, len(row) + 8)
         pipe.model.encode(torch.tensor([row]), alone)
-        P = max(map(len, rows))
-        canvas = torch.Generator().manual_seed(0)
-        first = torch.randint(0, 256, (2, 8), generator=canvas)[i : i + 1]  # SeededDraws' first draw
-        logits = pipe.model.denoise(first, alone)
+        logits = pipe.model.denoise(first[i : i + 1], alone)
         assert batch.sequences[i, P:].tolist() == logits.argmax(-1)[0].tolist()
 
 
