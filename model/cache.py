@@ -17,6 +17,7 @@ import torch
 from .config import FULL, SLIDING, Config
 
 WINDOW_MODES = ("shared", "per_token")
+UNBOUNDED = 2**30  # a band edge that no position reaches; fits the kernels' int32 arithmetic
 
 
 class KVCache:
@@ -62,19 +63,26 @@ class KVCache:
         S = min(self.k[layer].shape[2], end)  # slots at or past `end` were never written
         return self.k[layer][:, :, :S], self.v[layer][:, :, :S]
 
+    def band(self, kind: str, causal: bool) -> tuple[int, int, int, int]:
+        """Every mask the model uses is a band: a query at position i sees key positions a*i + lo <= j <= b*i + hi.
+
+        Returns (a, lo, b, hi); the fused attention kernel takes the band instead of a mask tensor.
+        """
+        W = self.config.sliding_window
+        if causal:
+            return (1, 1 - W, 1, 0) if kind == SLIDING else (0, -UNBOUNDED, 1, 0)
+        if kind != SLIDING:
+            return (0, -UNBOUNDED, 0, UNBOUNDED)
+        # shared: every canvas query sees the same last W - 1 committed tokens (transformers' DynamicCache);
+        # per_token: a symmetric window |i - j| < W (vLLM, FlashAttention, Google's JAX since July 2026).
+        return (0, self.length - W + 1, 0, UNBOUNDED) if self.window == "shared" else (1, 1 - W, 1, W - 1)
+
     def mask(self, kind: str, T: int, causal: bool) -> torch.Tensor:
         """Which active slots each query of the staged chunk sees: (B, 1, T, S) bool."""
-        n, W = self.length, self.config.sliding_window
+        n = self.length
         S = min(self.slots_of[kind], n + T)
         pos, valid = self.pos[kind][:S], self.valid[kind][:, :S]
         q = torch.arange(n, n + T, device=pos.device)[:, None]  # (T, 1)
-        seen = ((pos >= 0) & (pos < n + T)).expand(T, S)  # stale or empty slots
-        if causal:
-            seen = seen & (pos <= q)
-            if kind == SLIDING:
-                seen = seen & (pos > q - W)
-        elif kind == SLIDING:
-            # shared: every canvas query sees the same last W - 1 committed tokens (transformers' DynamicCache);
-            # per_token: a symmetric window |i - j| < W (vLLM, FlashAttention, Google's JAX since July 2026).
-            seen = seen & ((pos > n - W) if self.window == "shared" else ((q - pos).abs() < W))
+        a, lo, b, hi = self.band(kind, causal)
+        seen = (pos >= 0) & (pos < n + T) & (pos >= a * q + lo) & (pos <= b * q + hi)  # empty or stale slots fail
         return (seen & valid[:, None, :])[:, None]  # (B, 1, T, S)

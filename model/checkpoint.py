@@ -83,7 +83,7 @@ def read_generation_config(folder: str | Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def load_model(path, *, dtype=torch.bfloat16, device="cpu", window="shared") -> DiffusionGemma:
+def load_model(path, *, dtype=torch.bfloat16, device="cpu", window="shared", backend="torch") -> DiffusionGemma:
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a checkpoint folder")
@@ -91,7 +91,7 @@ def load_model(path, *, dtype=torch.bfloat16, device="cpu", window="shared") -> 
         raise ValueError(f"dtype must be torch.bfloat16 or torch.float32, not {dtype}")
     config = read_config(folder)
     with torch.device("meta"):
-        model = DiffusionGemma(config, window=window)
+        model = DiffusionGemma(config, window=window, backend=backend)
     wanted = {checkpoint_name(name): (name, t.shape) for name, t in model.state_dict().items()}
 
     files = weight_files(folder)

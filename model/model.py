@@ -17,7 +17,7 @@ from torch import nn
 from .cache import WINDOW_MODES, KVCache
 from .config import SLIDING, Config
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "triton")  # triton: the fused kernels of dgemma.kernels (a CUDA device, or TRITON_INTERPRET=1)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -72,12 +72,12 @@ def attention(q, k, v, mask):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: Config, layer: int):
+    def __init__(self, config: Config, layer: int, backend: str = "torch"):
         super().__init__()
         kind = config.layer_types[layer]
         D, H = config.hidden_size, config.num_attention_heads
         Hkv, d = config.num_kv_heads(kind), config.head_dim_of(kind)
-        self.layer, self.head_dim, self.eps = layer, d, config.rms_norm_eps
+        self.layer, self.kind, self.head_dim, self.eps, self.backend = layer, kind, d, config.rms_norm_eps, backend
         self.q_proj = nn.Linear(D, H * d, bias=False)
         self.k_proj = nn.Linear(D, Hkv * d, bias=False)
         self.v_proj = nn.Linear(D, Hkv * d, bias=False) if kind == SLIDING else None  # full layers: V = raw K
@@ -85,17 +85,33 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, self.eps)
         self.k_norm = RMSNorm(d, self.eps)
 
-    def forward(self, x, cos, sin, cache: KVCache, slots, mask):
+    def forward(self, x, rope, cache: KVCache, slots, mask, causal: bool):
         B, T, _ = x.shape
         shape = (B, T, -1, self.head_dim)
-        q = apply_rope(self.q_norm(self.q_proj(x).view(shape)), cos, sin)  # 2
-        k_raw = self.k_proj(x).view(shape)  # 3
+        q_raw, k_raw = self.q_proj(x).view(shape), self.k_proj(x).view(shape)  # 2, 3
         v_raw = self.v_proj(x).view(shape) if self.v_proj is not None else k_raw
-        k = apply_rope(self.k_norm(k_raw), cos, sin)  # 4
-        v = rms_norm(v_raw, None, self.eps)
-        keys, values = cache.write(self.layer, slots, k.transpose(1, 2), v.transpose(1, 2), cache.length + T)  # 5
-        o = attention(q.transpose(1, 2), keys, values, mask)  # 6-8
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))  # 9
+        if self.backend == "triton":
+            o = self.fused(q_raw, k_raw, v_raw, rope, cache, causal)
+        else:
+            cos, sin = rope
+            q = apply_rope(self.q_norm(q_raw), cos, sin)
+            k = apply_rope(self.k_norm(k_raw), cos, sin)  # 4
+            v = rms_norm(v_raw, None, self.eps)
+            keys, values = cache.write(self.layer, slots, k.transpose(1, 2), v.transpose(1, 2), cache.length + T)  # 5
+            o = attention(q.transpose(1, 2), keys, values, mask).transpose(1, 2)  # 6-8
+        return self.o_proj(o.reshape(B, T, -1))  # 9
+
+    def fused(self, q_raw, k_raw, v_raw, inv_freq, cache: KVCache, causal: bool):
+        """Steps 2-8 with dgemma.kernels.attention: norms and RoPE in one prologue kernel, K/V written in place."""
+        from ..kernels.attention import attention as fused_attention
+        from ..kernels.attention import norm_rope
+
+        n, keys, values = cache.length, cache.k[self.layer], cache.v[self.layer]
+        q = norm_rope(q_raw, self.q_norm.weight, inv_freq, self.eps, pos0=n)
+        norm_rope(k_raw, self.k_norm.weight, inv_freq, self.eps, pos0=n, out=keys.transpose(1, 2), slot0=n)
+        norm_rope(v_raw, None, None, self.eps, pos0=n, out=values.transpose(1, 2), slot0=n)
+        band = cache.band(self.kind, causal)
+        return fused_attention(q, keys, values, cache.pos[self.kind], cache.valid[self.kind], n, band)
 
 
 class GatedMLP(nn.Module):
@@ -158,11 +174,11 @@ class Experts(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, config: Config, layer: int):
+    def __init__(self, config: Config, layer: int, backend: str = "torch"):
         super().__init__()
         D, eps = config.hidden_size, config.rms_norm_eps
         self.kind = config.layer_types[layer]
-        self.self_attn = Attention(config, layer)
+        self.self_attn = Attention(config, layer, backend)
         self.input_layernorm = RMSNorm(D, eps)
         self.post_attention_layernorm = RMSNorm(D, eps)
         self.mlp = GatedMLP(D, config.intermediate_size)
@@ -178,8 +194,8 @@ class Layer(nn.Module):
         self.register_buffer("decoder_scalar", torch.ones(1))
 
     def forward(self, x, rope, cache, slots, masks, decoder: bool):
-        cos, sin = rope[self.kind]
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache, slots[self.kind], masks[self.kind])
+        kind = self.kind
+        attn = self.self_attn(self.input_layernorm(x), rope[kind], cache, slots[kind], masks[kind], causal=not decoder)
         x = x + self.post_attention_layernorm(attn)  # 10
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))  # 11
         flat = x.reshape(-1, x.shape[-1])
@@ -203,13 +219,15 @@ class SelfConditioning(GatedMLP):
 
 
 class DiffusionGemma(nn.Module):
-    def __init__(self, config: Config, window: str = "shared"):
+    def __init__(self, config: Config, window: str = "shared", backend: str = "torch"):
         super().__init__()
         if window not in WINDOW_MODES:
             raise ValueError(f"window must be one of {WINDOW_MODES}, not {window!r}")
-        self.config, self.window = config, window
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+        self.config, self.window, self.backend = config, window, backend
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)  # tied LM head
-        self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Layer(config, i, backend) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_conditioning = SelfConditioning(config)
         for kind in set(config.layer_types):
@@ -222,7 +240,11 @@ class DiffusionGemma(nn.Module):
 
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
-        return load_model(path, dtype=dtype, device=device, window=window)
+        if backend == "triton":
+            from ..kernels import require_triton
+
+            require_triton(device)
+        return load_model(path, dtype=dtype, device=device, window=window, backend=backend)
 
     @property
     def dtype(self):
@@ -246,18 +268,22 @@ class DiffusionGemma(nn.Module):
 
     def _layers(self, x, cache: KVCache, valid, decoder: bool):
         T = x.shape[1]
-        positions = torch.arange(cache.length, cache.length + T, device=x.device)
         slots = cache.stage(T, valid)
         kinds = set(self.config.layer_types)
-        masks = {kind: cache.mask(kind, T, causal=not decoder) for kind in kinds}
-        rope = {}
-        for kind in kinds:
-            freqs = positions[:, None].float() * getattr(self, f"inv_freq_{kind}")  # fp32 angles, then cast
-            angles = torch.cat([freqs, freqs], dim=-1)
-            rope[kind] = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        if self.backend == "triton":  # the kernels take RoPE frequencies and the cache's band, not cos/sin and a mask
+            rope, masks = {kind: getattr(self, f"inv_freq_{kind}") for kind in kinds}, dict.fromkeys(kinds)
+        else:
+            rope = {kind: self._cos_sin(kind, cache.length, T, x.dtype) for kind in kinds}
+            masks = {kind: cache.mask(kind, T, causal=not decoder) for kind in kinds}
         for layer in self.layers:
             x = layer(x, rope, cache, slots, masks, decoder)
         return self.norm(x)
+
+    def _cos_sin(self, kind: str, start: int, T: int, dtype):
+        positions = torch.arange(start, start + T, device=self.device)
+        freqs = positions[:, None].float() * getattr(self, f"inv_freq_{kind}")  # fp32 angles, then cast
+        angles = torch.cat([freqs, freqs], dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
     @torch.no_grad()
     def encode(self, ids, cache: KVCache, attention_mask=None):

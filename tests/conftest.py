@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton decides at decoration time whether to compile or interpret, so this must precede any kernel import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dgemma.model.config import Config
 
@@ -17,3 +23,9 @@ def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     build_checkpoint(path, Config.tiny(), seed=1)
     return path
+
+
+@pytest.fixture(scope="session")
+def device():
+    """Where kernel tests run: the GPU when there is one, else the CPU through Triton's interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,7 +14,7 @@ import sys
 import torch
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
-from dgemma.model.config import Config
+from dgemma.model.config import FULL, SLIDING, Config
 
 from tiny_tokenizer import build_tiny_tokenizer
 
@@ -42,6 +42,28 @@ GENERATION = {
     "eos_token_id": [1, 106, 50],
     "pad_token_id": 0,
     "max_new_tokens": 256,
+}
+
+
+# Two tiny configs every parity test runs on.
+CONFIGS = {
+    "tiny": Config.tiny(),  # alternating sliding/full, window 8 < a 13-token prompt, GQA groups 2 and 4
+    "odd": Config.tiny(  # window 5 < canvas 6; GQA groups 1 and 2; 5 experts top-3; a global layer first
+        hidden_size=48,
+        intermediate_size=40,
+        moe_intermediate_size=24,
+        num_hidden_layers=3,
+        layer_types=[FULL, SLIDING, FULL],
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=8,
+        global_head_dim=24,
+        num_global_key_value_heads=2,
+        num_experts=5,
+        top_k_experts=3,
+        sliding_window=5,
+        canvas_length=6,
+    ),
 }
 
 

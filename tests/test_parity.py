@@ -12,27 +12,8 @@ from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 from dgemma import DiffusionGemma, Pipeline
 from dgemma.model.config import FULL, SLIDING, Config
 
-from oracle import build_checkpoint
+from oracle import CONFIGS, build_checkpoint
 
-CONFIGS = {
-    "tiny": Config.tiny(),  # alternating sliding/full, window 8 < a 13-token prompt, GQA groups 2 and 4
-    "odd": Config.tiny(  # window 5 < canvas 6; GQA groups 1 and 2; 5 experts top-3; a global layer first
-        hidden_size=48,
-        intermediate_size=40,
-        moe_intermediate_size=24,
-        num_hidden_layers=3,
-        layer_types=[FULL, SLIDING, FULL],
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=8,
-        global_head_dim=24,
-        num_global_key_value_heads=2,
-        num_experts=5,
-        top_k_experts=3,
-        sliding_window=5,
-        canvas_length=6,
-    ),
-}
 ATOL = 1e-4
 
 

@@ -1,0 +1,242 @@
+"""Fused attention for DiffusionGemma's two modes and two layer types, reading the model's ring KV cache in place.
+
+- `norm_rope`: the prologue. One program per (token, head) vector: RMSNorm (times the q/k norm weight, or weightless
+  for V), then split-half RoPE with cos/sin computed in-kernel from the layer's inv_freq, so default RoPE (sliding)
+  and proportional RoPE (global: zero frequencies past the first quarter) are the same code. Writes q for the
+  attention and k/v straight into their cache slots; global layers call it twice on the one raw k_proj output.
+- `attention`: a flash-attention forward over the active cache slots. The mask is never materialized: every mask the
+  model uses is a band in absolute positions (`KVCache.band`), so a query at position i sees the slot holding j iff
+  a*i + lo <= j <= b*i + hi, the slot holds a committed or staged token (0 <= j < n + T), and its row is not padding.
+  The G query heads that share a KV head are packed into the query tile (rows are (token, head) pairs), so one K/V
+  load serves G heads; the slots are split between programs (flash-decoding) so that 256 queries fill 132 SMs even on
+  the 2-KV-head global layers, and `combine` merges the splits by their log-sum-exp. Head dim 512 splits the value
+  dims between programs (BLOCK_DV) to bound the accumulator; each such program recomputes the scores.
+
+Scores use scale 1.0 and no softcap; the softmax is in fp32 (base 2), and P is cast to the value dtype for P @ V, as
+in the reference (`model.attention`). Masked scores get a large finite negative instead of -inf, so a row with no
+visible key (a padded query) averages the values instead of producing NaN that would leak through the cache.
+Runs under Triton 3.6 (the GPU image) and 3.9 (CI, TRITON_INTERPRET=1 on the CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+NEG = -1.0e30  # masked score: exp2(NEG - m) underflows to 0 once any visible key is seen, and stays finite before
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _norm_rope_kernel(
+    x_ptr, w_ptr, inv_freq_ptr, out_ptr,
+    T, H, vectors, pos0, slot0, ring, eps,
+    stride_xb, stride_xt, stride_xh,
+    stride_ob, stride_os, stride_oh,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, ROWS: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROPE: tl.constexpr,
+):  # fmt: skip
+    # ROWS (batch, token, head) vectors per program, flattened in that order
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    b, t, head = r // (T * H), (r // H) % T, r % H
+    offs = tl.arange(0, BLOCK_HALF)
+    ok = (r < vectors)[:, None] & (offs < HALF)[None, :]
+    x = (x_ptr + b * stride_xb + t * stride_xt + head * stride_xh)[:, None] + offs[None, :]
+    x1 = tl.load(x, mask=ok, other=0.0).to(tl.float32)  # the two halves RoPE pairs up
+    x2 = tl.load(x + HALF, mask=ok, other=0.0).to(tl.float32)
+    # ----- RMSNorm in fp32, rounded to the activation dtype as the reference's norm output is
+    rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)
+    y1, y2 = x1 * rstd[:, None], x2 * rstd[:, None]
+    if HAS_WEIGHT:
+        y1 *= tl.load(w_ptr + offs, mask=offs < HALF, other=0.0).to(tl.float32)[None, :]
+        y2 *= tl.load(w_ptr + HALF + offs, mask=offs < HALF, other=0.0).to(tl.float32)[None, :]
+    dtype = out_ptr.dtype.element_ty
+    y1, y2 = y1.to(dtype).to(tl.float32), y2.to(dtype).to(tl.float32)
+    # ----- RoPE: angles in fp32 from the absolute position, cos/sin rounded to the activation dtype (as transformers)
+    if ROPE:
+        inv_freq = tl.load(inv_freq_ptr + offs, mask=offs < HALF, other=0.0)
+        angle = (pos0 + t).to(tl.float32)[:, None] * inv_freq[None, :]
+        cos, sin = tl.cos(angle).to(dtype).to(tl.float32), tl.sin(angle).to(dtype).to(tl.float32)
+        y1, y2 = y1 * cos - y2 * sin, y2 * cos + y1 * sin
+    out = (out_ptr + b * stride_ob + ((slot0 + t) % ring) * stride_os + head * stride_oh)[:, None] + offs[None, :]
+    tl.store(out, y1, mask=ok)
+    tl.store(out + HALF, y2, mask=ok)
+
+
+def norm_rope(x, weight, inv_freq, eps: float, *, pos0: int, out=None, slot0: int = 0):
+    """x (B, T, H, d) raw projection -> RoPE(rms(x) * weight) (no RoPE when inv_freq is None, no weight when None).
+
+    Token t (position pos0 + t) goes to out[:, (slot0 + t) % R] with out (B, R, H, d); a (B, H, R, d) cache ring
+    is passed as its transposed view. Without `out`, a new (B, T, H, d) tensor is returned.
+    """
+    B, T, H, d = x.shape
+    if d % 2:
+        raise ValueError(f"RoPE needs an even head dim, not {d}")
+    if out is None:
+        out, slot0 = torch.empty_like(x), 0
+    if out.shape[0] != B or out.shape[2:] != (H, d) or out.stride(-1) != 1 or x.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} does not hold the vectors of x {tuple(x.shape)} contiguously")
+    half, rows = d // 2, 16
+    _norm_rope_kernel[(triton.cdiv(B * T * H, rows),)](
+        x, weight if weight is not None else x, inv_freq if inv_freq is not None else x, out,
+        T, H, B * T * H, pos0, slot0, out.shape[1], eps,
+        x.stride(0), x.stride(1), x.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        HALF=half, BLOCK_HALF=triton.next_power_of_2(half), ROWS=rows,
+        HAS_WEIGHT=weight is not None, ROPE=inv_freq is not None,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, valid_ptr,
+    T, S, n, G, Hkv, band_a, band_lo, band_b, band_hi, split_len,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_validb,
+    stride_os, stride_ob, stride_ot, stride_oh,
+    stride_ls, stride_lb, stride_lt,
+    o_ptr, lse_ptr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NUM_DV: tl.constexpr = BLOCK_D // BLOCK_DV
+    split, dv = pid_s // NUM_DV, pid_s % NUM_DV
+    b, kh = (pid_bh // Hkv).to(tl.int64), pid_bh % Hkv
+    # ----- the query tile: rows are (token, head-in-group) pairs, token-major
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t = rows // G
+    head = kh * G + rows % G
+    row_ok = t < T
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    q_rows = q_ptr + b * stride_qb + t * stride_qt + head * stride_qh
+    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    qpos = n + t
+    lo, hi = band_a * qpos + band_lo, band_b * qpos + band_hi  # the visible key positions of each row
+    # ----- online softmax over this program's share of the slots
+    m_i = tl.full([BLOCK_M], NEG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    start = split * split_len
+    end = tl.minimum(start + split_len, S)
+    k_base = k_ptr + b * stride_kb + kh * stride_kh
+    v_base = v_ptr + b * stride_vb + kh * stride_vh
+    for s0 in range(start, end, BLOCK_N):
+        offs_n = s0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        k = tl.load(
+            k_base + offs_n[:, None] * stride_ks + offs_d[None, :],
+            mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+            other=0.0,
+        )
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * LOG2E  # (BLOCK_M, BLOCK_N)
+        kpos = tl.load(pos_ptr + offs_n, mask=n_ok, other=-1)
+        held = (kpos >= 0) & (kpos < n + T) & (tl.load(valid_ptr + b * stride_validb + offs_n, mask=n_ok, other=0) != 0)
+        visible = held[None, :] & (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
+        scores = tl.where(visible, scores, NEG)
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + offs_n[:, None] * stride_vs + offs_dv[None, :],
+            mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM),
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    # ----- normalized partial output and its log-sum-exp (base 2), for `combine`
+    o_rows = o_ptr + split * stride_os + b * stride_ob + t * stride_ot + head * stride_oh
+    o_ok = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM)
+    tl.store(o_rows[:, None] + offs_dv[None, :], acc / l_i[:, None], mask=o_ok)
+    if dv == 0:
+        lse_rows = lse_ptr + split * stride_ls + b * stride_lb + t * stride_lt + head
+        tl.store(lse_rows, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    o_ptr, lse_ptr, splits, rows, out_ptr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)  # flattened (b, t, h); partials are (splits, rows, HEAD_DIM) contiguous
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < splits
+    lse = tl.load(lse_ptr + offs_s * rows + row, mask=s_ok, other=-float("inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))
+    w = w / tl.sum(w, 0)
+    o = tl.load(
+        o_ptr + (offs_s[:, None] * rows + row) * HEAD_DIM + offs_d[None, :],
+        mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    tl.store(out_ptr + row * HEAD_DIM + offs_d, tl.sum(w[:, None] * o, 0), mask=offs_d < HEAD_DIM)
+
+
+def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tile sizes: the smallest legal tiles under the interpreter; on a GPU, starting points to be tuned on an H100
+    with `benchmarks/bench_attention.py --sweep` (no GPU has been available yet)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if device.type != "cuda":
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DV=block_d, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_DV=min(block_d, 128), num_warps=4, num_stages=1)
+    if block_d <= 256:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_DV=block_d, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_DV=256, num_warps=8, num_stages=2)
+
+
+def num_splits(programs: int, slots: int, block_n: int, device: torch.device) -> int:
+    """Enough key splits for about two programs per SM, each split keeping at least 4 key blocks."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(slots, 4 * block_n)))
+
+
+def attention(q, k_cache, v_cache, pos, valid, n: int, band, *, splits: int | None = None, config: dict | None = None):
+    """q (B, T, H, d) normed and rotated, at positions n..n+T-1; k_cache, v_cache (B, Hkv, R, d) rings whose slot s
+    holds position pos[s] (-1 when empty) for rows valid[:, s]; band (a, lo, b, hi) from KVCache.band.
+    Returns o (B, T, H, d). Reads the first min(R, n + T) slots, as the reference does."""
+    B, T, H, d = q.shape
+    _, Hkv, R, _ = k_cache.shape
+    if H % Hkv or k_cache.shape != (B, Hkv, R, d) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"q {tuple(q.shape)} does not match the cache {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if pos.shape != (R,) or valid.shape != (B, R):
+        raise ValueError(f"pos {tuple(pos.shape)} and valid {tuple(valid.shape)} must be ({R},) and ({B}, {R})")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("q, k_cache and v_cache need a contiguous head dim")
+    S, G = min(R, n + T), H // Hkv
+    cfg = dict(config or tile_config(d, q.dtype, q.device))
+    block_d = max(16, triton.next_power_of_2(d))
+    num_dv = block_d // cfg["BLOCK_DV"]
+    m_blocks = triton.cdiv(G * T, cfg["BLOCK_M"])
+    if splits is None:
+        splits = num_splits(m_blocks * B * Hkv * num_dv, S, cfg["BLOCK_N"], q.device)
+    split_len = triton.cdiv(triton.cdiv(S, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    splits = triton.cdiv(S, split_len)  # every split non-empty
+    out = torch.empty_like(q)
+    o = out.unsqueeze(0) if splits == 1 else torch.empty(splits, B, T, H, d, device=q.device, dtype=torch.float32)
+    lse = torch.empty(splits, B, T, H, device=q.device, dtype=torch.float32)
+    a, lo, b, hi = band
+    _attention_kernel[(m_blocks, B * Hkv, splits * num_dv)](
+        q, k_cache, v_cache, pos, valid.view(torch.uint8),
+        T, S, n, G, Hkv, a, lo, b, hi, split_len,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        valid.stride(0),
+        o.stride(0), o.stride(1), o.stride(2), o.stride(3),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        o, lse,
+        HEAD_DIM=d, BLOCK_D=block_d, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **cfg,
+    )  # fmt: skip
+    if splits > 1:
+        _combine_kernel[(B * T * H,)](
+            o, lse, splits, B * T * H, out,
+            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_SPLITS=triton.next_power_of_2(splits),
+        )  # fmt: skip
+    return out
