@@ -53,13 +53,13 @@ def setup(config: Config, kind: str, P: int, window: str, dtype, device):
     cache.k, cache.v = cache.k[layer : layer + 1], cache.v[layer : layer + 1]  # the benchmarked layer is layer 0
     for ring in (cache.k[0], cache.v[0]):
         ring.copy_(torch.randn(ring.shape, device=device))
-    q = torch.randn(1, T, config.num_attention_heads, config.head_dim_of(kind), device=device).to(dtype)
+    q = torch.randn(1, config.num_attention_heads, T, config.head_dim_of(kind), device=device).to(dtype)
     return cache, q
 
 
 def providers(cache: KVCache, q, kind: str, causal: bool, tiles: dict | None):
     """name -> zero-argument callable, each computing this chunk's attention output."""
-    n, T = cache.length, q.shape[1]
+    n, T = cache.length, q.shape[2]
     pos, valid = cache.pos[kind], cache.valid[kind]
     band = cache.band(kind, causal)
     S = min(cache.slots_of[kind], n + T)
@@ -70,14 +70,13 @@ def providers(cache: KVCache, q, kind: str, causal: bool, tiles: dict | None):
     order = seen[pos[seen].argsort()]
     k_seen, v_seen, m_seen = keys[:, :, order], values[:, :, order], mask[..., order]
     full = bool(m_seen.all())
-    qt = q.transpose(1, 2)
     sdpa = lambda: F.scaled_dot_product_attention(  # noqa: E731
-        qt, k_seen, v_seen, attn_mask=None if full else m_seen, scale=1.0, enable_gqa=True
+        q, k_seen, v_seen, attn_mask=None if full else m_seen, scale=1.0, enable_gqa=True
     )
     out = {
         "ours": lambda: attention(q, cache.k[0], cache.v[0], pos, valid, n, band, config=tiles),
-        "reference": lambda: attention_ref(qt, keys, values, mask).transpose(1, 2),
-        "truth": lambda: attention_ref(qt.float(), keys.float(), values.float(), mask).transpose(1, 2),
+        "reference": lambda: attention_ref(q, keys, values, mask).transpose(1, 2),
+        "truth": lambda: attention_ref(q.float(), keys.float(), values.float(), mask).transpose(1, 2),
     }
     for backend in SDPA_BACKENDS:
         out[f"sdpa-{backend.name.lower()}"] = lambda b=backend: run_sdpa(b, sdpa).transpose(1, 2)
@@ -123,7 +122,7 @@ def main(argv=None):
         if causal and window == "per_token":
             continue  # the encoder's window is causal in both modes
         cache, q = setup(config, kind, P, window, dtype, device)
-        H, T, d = q.shape[2], q.shape[1], q.shape[3]
+        H, T, d = q.shape[1], q.shape[2], q.shape[3]
         op = f"attention-{mode}-{kind}" + ("-per_token" if window == "per_token" else "")
         shape = f"B1 T{T} P{P} H{H} Hkv{config.num_kv_heads(kind)} d{d}"
         fns, pairs = providers(cache, q, kind, causal, None)

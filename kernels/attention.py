@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-NEG = -1.0e30  # masked score: exp2(NEG - m) underflows to 0 once any visible key is seen, and stays finite before
-LOG2E = 1.4426950408889634
+NEG = tl.constexpr(-1.0e30)  # masked score: exp2(NEG - m) is 0 once a visible key is seen, and finite before that
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -67,13 +67,16 @@ def norm_rope(x, weight, inv_freq, eps: float, *, pos0: int, out=None, slot0: in
     """x (B, T, H, d) raw projection -> RoPE(rms(x) * weight) (no RoPE when inv_freq is None, no weight when None).
 
     Token t (position pos0 + t) goes to out[:, (slot0 + t) % R] with out (B, R, H, d); a (B, H, R, d) cache ring
-    is passed as its transposed view. Without `out`, a new (B, T, H, d) tensor is returned.
+    is passed as its transposed view. Without `out`, returns a new head-major (B, H, T, d) tensor, the layout
+    `attention` takes its queries in.
     """
     B, T, H, d = x.shape
     if d % 2:
         raise ValueError(f"RoPE needs an even head dim, not {d}")
     if out is None:
-        out, slot0 = torch.empty_like(x), 0
+        head_major = torch.empty(B, H, T, d, device=x.device, dtype=x.dtype)
+        norm_rope(x, weight, inv_freq, eps, pos0=pos0, out=head_major.transpose(1, 2))
+        return head_major
     if out.shape[0] != B or out.shape[2:] != (H, d) or out.stride(-1) != 1 or x.stride(-1) != 1:
         raise ValueError(f"out {tuple(out.shape)} does not hold the vectors of x {tuple(x.shape)} contiguously")
     half, rows = d // 2, 16
@@ -106,15 +109,15 @@ def _attention_kernel(
     NUM_DV: tl.constexpr = BLOCK_D // BLOCK_DV
     split, dv = pid_s // NUM_DV, pid_s % NUM_DV
     b, kh = (pid_bh // Hkv).to(tl.int64), pid_bh % Hkv
-    # ----- the query tile: rows are (token, head-in-group) pairs, token-major
+    # ----- the query tile: rows r = g * T + t of KV head kh, contiguous in the (B, H, T, d) layout of q
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    t = rows // G
-    head = kh * G + rows % G
-    row_ok = t < T
+    t = rows % T
+    head = kh * G + rows // T
+    row_ok = rows < G * T
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    q_rows = q_ptr + b * stride_qb + t * stride_qt + head * stride_qh
-    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    q_tile = q_ptr + b * stride_qb + kh * G * stride_qh + rows[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_tile, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     qpos = n + t
     lo, hi = band_a * qpos + band_lo, band_b * qpos + band_hi  # the visible key positions of each row
     # ----- online softmax over this program's share of the slots
@@ -128,14 +131,11 @@ def _attention_kernel(
     for s0 in range(start, end, BLOCK_N):
         offs_n = s0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
-        k = tl.load(
-            k_base + offs_n[:, None] * stride_ks + offs_d[None, :],
-            mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
-            other=0.0,
-        )
+        offs_n = tl.minimum(offs_n, end - 1)  # clamped instead of masked: unmasked loads keep registers free
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * LOG2E  # (BLOCK_M, BLOCK_N)
-        kpos = tl.load(pos_ptr + offs_n, mask=n_ok, other=-1)
-        held = (kpos >= 0) & (kpos < n + T) & (tl.load(valid_ptr + b * stride_validb + offs_n, mask=n_ok, other=0) != 0)
+        kpos = tl.load(pos_ptr + offs_n)
+        held = n_ok & (kpos >= 0) & (kpos < n + T) & (tl.load(valid_ptr + b * stride_validb + offs_n) != 0)
         visible = held[None, :] & (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
         scores = tl.where(visible, scores, NEG)
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -143,9 +143,7 @@ def _attention_kernel(
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
-            v_base + offs_n[:, None] * stride_vs + offs_dv[None, :],
-            mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM),
-            other=0.0,
+            v_base + offs_n[:, None] * stride_vs + offs_dv[None, :], mask=offs_dv[None, :] < HEAD_DIM, other=0.0
         )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -179,16 +177,17 @@ def _combine_kernel(
 
 
 def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Tile sizes: the smallest legal tiles under the interpreter; on a GPU, starting points to be tuned on an H100
-    with `benchmarks/bench_attention.py --sweep` (no GPU has been available yet)."""
+    """Tile sizes: the smallest legal tiles under the interpreter. On a GPU, the configs with the fewest register
+    spills in ptxas's report for sm_90a (tests/test_sm90.py prints it; no GPU has been available to time them):
+    starting points for `benchmarks/bench_attention.py --sweep`."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if device.type != "cuda":
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DV=block_d, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_DV=min(block_d, 128), num_warps=4, num_stages=1)
-    if block_d <= 256:
+    if block_d <= 128:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_DV=block_d, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_DV=256, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64 if block_d <= 256 else 32, BLOCK_DV=block_d, num_warps=8, num_stages=2)
 
 
 def num_splits(programs: int, slots: int, block_n: int, device: torch.device) -> int:
@@ -198,17 +197,18 @@ def num_splits(programs: int, slots: int, block_n: int, device: torch.device) ->
 
 
 def attention(q, k_cache, v_cache, pos, valid, n: int, band, *, splits: int | None = None, config: dict | None = None):
-    """q (B, T, H, d) normed and rotated, at positions n..n+T-1; k_cache, v_cache (B, Hkv, R, d) rings whose slot s
-    holds position pos[s] (-1 when empty) for rows valid[:, s]; band (a, lo, b, hi) from KVCache.band.
-    Returns o (B, T, H, d). Reads the first min(R, n + T) slots, as the reference does."""
-    B, T, H, d = q.shape
+    """q (B, H, T, d) contiguous, normed and rotated, at positions n..n+T-1 (head-major, so the G query heads of a
+    KV head are one block of rows); k_cache, v_cache (B, Hkv, R, d) rings whose slot s holds position pos[s] (-1 when
+    empty) for the rows valid[:, s]; band (a, lo, b, hi) from KVCache.band.
+    Returns o (B, T, H, d), ready for o_proj. Reads the first min(R, n + T) slots, as the reference does."""
+    B, H, T, d = q.shape
     _, Hkv, R, _ = k_cache.shape
     if H % Hkv or k_cache.shape != (B, Hkv, R, d) or v_cache.shape != k_cache.shape:
         raise ValueError(f"q {tuple(q.shape)} does not match the cache {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     if pos.shape != (R,) or valid.shape != (B, R):
         raise ValueError(f"pos {tuple(pos.shape)} and valid {tuple(valid.shape)} must be ({R},) and ({B}, {R})")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("q, k_cache and v_cache need a contiguous head dim")
+    if not q.is_contiguous() or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("q must be contiguous (B, H, T, d), and the caches need a contiguous head dim")
     S, G = min(R, n + T), H // Hkv
     cfg = dict(config or tile_config(d, q.dtype, q.device))
     block_d = max(16, triton.next_power_of_2(d))
@@ -218,14 +218,14 @@ def attention(q, k_cache, v_cache, pos, valid, n: int, band, *, splits: int | No
         splits = num_splits(m_blocks * B * Hkv * num_dv, S, cfg["BLOCK_N"], q.device)
     split_len = triton.cdiv(triton.cdiv(S, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     splits = triton.cdiv(S, split_len)  # every split non-empty
-    out = torch.empty_like(q)
+    out = torch.empty(B, T, H, d, device=q.device, dtype=q.dtype)
     o = out.unsqueeze(0) if splits == 1 else torch.empty(splits, B, T, H, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(splits, B, T, H, device=q.device, dtype=torch.float32)
     a, lo, b, hi = band
     _attention_kernel[(m_blocks, B * Hkv, splits * num_dv)](
         q, k_cache, v_cache, pos, valid.view(torch.uint8),
         T, S, n, G, Hkv, a, lo, b, hi, split_len,
-        q.stride(0), q.stride(1), q.stride(2),
+        q.stride(0), q.stride(2), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         valid.stride(0),

@@ -37,20 +37,20 @@ def scenario(config, kind, n, T, *, window="shared", batch=1, pad=0, dtype=torch
     for ring in (cache.k[layer], cache.v[layer]):
         ring[:, :, :S] = torch.randn(ring[:, :, :S].shape, device=device).to(dtype)
         ring[:, :, S:] = float("nan")
-    q = torch.randn(batch, T, config.num_attention_heads, config.head_dim_of(kind), device=device).to(dtype)
-    return cache, layer, q
+    q = torch.randn(batch, config.num_attention_heads, T, config.head_dim_of(kind), device=device).to(dtype)
+    return cache, layer, q  # q head-major (B, H, T, d), as norm_rope writes it
 
 
 def run_both(cache, layer, q, kind, causal, splits=None, upcast=False):
     """(kernel output, reference output, rows with at least one visible key) for one scenario."""
-    T, n = q.shape[1], cache.length
+    T, n = q.shape[2], cache.length
     band = cache.band(kind, causal)
     out = attention(q, cache.k[layer], cache.v[layer], cache.pos[kind], cache.valid[kind], n, band, splits=splits)
     S = min(cache.slots_of[kind], n + T)
     mask = cache.mask(kind, T, causal)
     k, v = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
     cast = (lambda x: x.float()) if upcast else (lambda x: x)  # noqa: E731
-    ref = attention_ref(cast(q).transpose(1, 2), cast(k), cast(v), mask).transpose(1, 2)
+    ref = attention_ref(cast(q), cast(k), cast(v), mask).transpose(1, 2)
     return out, ref, mask[:, 0].any(-1)  # (B, T, H, d), (B, T, H, d), (B, T)
 
 
@@ -115,14 +115,16 @@ def test_norm_rope_writes_the_reference_vectors_into_ring_slots(kind, weight, de
     untouched = torch.ones(R, dtype=torch.bool)
     untouched[slots] = False
     assert ring[:, :, untouched].isnan().all()
-    torch.testing.assert_close(norm_rope(x, w, inv_freq, 1e-6, pos0=n), ref, atol=1e-5, rtol=1e-5)
+    head_major = norm_rope(x, w, inv_freq, 1e-6, pos0=n)
+    assert head_major.is_contiguous()
+    torch.testing.assert_close(head_major, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
 def test_attention_rejects_mismatched_shapes(device):
     cache, layer, q = scenario(CONFIGS["tiny"], FULL, 5, 8, device=device)
     band = cache.band(FULL, False)
     with pytest.raises(ValueError, match="does not match the cache"):
-        attention(q[..., :-1], cache.k[layer], cache.v[layer], cache.pos[FULL], cache.valid[FULL], 5, band)
+        attention(q[..., :-1].contiguous(), cache.k[layer], cache.v[layer], cache.pos[FULL], cache.valid[FULL], 5, band)
     with pytest.raises(ValueError, match="pos"):
         attention(q, cache.k[layer], cache.v[layer], cache.pos[FULL][:-1], cache.valid[FULL], 5, band)
 
