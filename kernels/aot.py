@@ -1,0 +1,107 @@
+"""Ahead-of-time compilation of the Triton kernels for Hopper (sm_90a) on any machine, GPU or not.
+
+Triton lowers a kernel to PTX and assembles it with the ptxas its wheel bundles; `cuobjdump --dump-resource-usage`
+on the cubin then gives the resource report: registers, stack (register spills) and shared memory. That catches code
+the interpreter accepts but compiled Triton rejects, and shows spills before any GPU time is spent.
+
+    python -m dgemma.kernels.aot          # one line per kernel at the tile configs the model uses on an H100
+    python -m dgemma.kernels.aot --json   # the same, machine-readable (tests/test_sm90.py)
+
+Must run with TRITON_INTERPRET unset: under the interpreter `@triton.jit` makes functions that cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from ..model.config import FULL, SLIDING, Config
+from . import attention
+
+HOPPER = GPUTarget("cuda", 90, 32)
+SMEM_LIMIT = 227 * 1024  # the most shared memory one H100 block may use
+
+
+def compile_sm90(kernel, pointers: dict, constexprs: dict, *, floats=(), num_warps: int, num_stages: int) -> dict:
+    """Compiles `kernel` for sm_90a; every argument not in `pointers` (name -> "*bf16"...), `constexprs` or `floats`
+    is an int32 scalar. Returns the resource report."""
+    signature = {
+        name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name in floats else "i32")
+        for name in kernel.arg_names
+    }
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=HOPPER, options=dict(num_warps=num_warps, num_stages=num_stages))
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True)
+    found = dict(re.findall(r"(REG|STACK):(\d+)", usage.stdout))
+    return {
+        "shared": compiled.metadata.shared,
+        "registers": int(found["REG"]),
+        "stack": int(found["STACK"]),
+        "wgmma": "wgmma" in compiled.asm["ptx"],
+    }
+
+
+def production() -> list[tuple[str, object, dict, dict, tuple, int, int]]:
+    """(label, kernel, pointers, constexprs, floats, num_warps, num_stages) for every kernel launch the real model
+    makes on an H100 in bf16."""
+    config, cuda, out = Config.diffusiongemma_26b_a4b(), torch.device("cuda"), []
+    for kind in (SLIDING, FULL):
+        d = config.head_dim_of(kind)
+        tiles = attention.tile_config(d, torch.bfloat16, cuda)
+        warps, stages = tiles.pop("num_warps"), tiles.pop("num_stages")
+        pointers = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", pos_ptr="*i64", valid_ptr="*u8", lse_ptr="*fp32")
+        for o in ("*fp32", "*bf16"):  # split partials, or the output itself when there is one split
+            constexprs = dict(HEAD_DIM=d, BLOCK_D=d, PRECISION="tf32", **tiles)
+            label = f"attention d{d} o={o[1:]} " + " ".join(f"{k}={v}" for k, v in tiles.items())
+            out.append((label, attention._attention_kernel, {**pointers, "o_ptr": o}, constexprs, (), warps, stages))
+        constexprs = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_SPLITS=8)
+        pointers = dict(o_ptr="*fp32", lse_ptr="*fp32", out_ptr="*bf16")
+        out.append((f"combine d{d}", attention._combine_kernel, pointers, constexprs, (), 4, 1))
+        for weighted in (True, False):  # q/k norm with RoPE; V's weightless norm
+            constexprs = dict(
+                HALF=d // 2, BLOCK_HALF=d // 2, ROWS=attention.rows_per_program(d), HAS_WEIGHT=weighted, ROPE=weighted
+            )
+            pointers = dict(x_ptr="*bf16", w_ptr="*bf16", inv_freq_ptr="*fp32", out_ptr="*bf16")
+            label = f"norm_rope d{d} {'q/k' if weighted else 'v'}"
+            out.append((label, attention._norm_rope_kernel, pointers, constexprs, ("eps",), 4, 1))
+    return out
+
+
+def report() -> list[dict]:
+    rows = []
+    for label, kernel, pointers, constexprs, floats, warps, stages in production():
+        usage = compile_sm90(kernel, pointers, constexprs, floats=floats, num_warps=warps, num_stages=stages)
+        rows.append({"label": label, "num_warps": warps, "num_stages": stages, **usage})
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Compile every production kernel for sm_90a and print its resources.")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    rows = report()
+    if args.json:
+        print(json.dumps(rows))
+        return
+    for row in rows:
+        print(
+            f"{row['label']:<70} warps {row['num_warps']} stages {row['num_stages']}: {row['registers']} registers, "
+            f"{row['stack']} B stack, {row['shared']} B shared{', wgmma' if row['wgmma'] else ''}"
+        )
+
+
+if __name__ == "__main__":
+    main()
