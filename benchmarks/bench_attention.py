@@ -74,7 +74,7 @@ def providers(cache: KVCache, q, kind: str, causal: bool, tiles: dict | None):
         q, k_seen, v_seen, attn_mask=None if full else m_seen, scale=1.0, enable_gqa=True
     )
     out = {
-        "ours": lambda: attention(q, cache.k[0], cache.v[0], pos, valid, n, band, config=tiles),
+        "ours": lambda: attention(q, cache.k[0], cache.v[0], pos, valid, n, band, config=tiles).transpose(1, 2),
         "reference": lambda: attention_ref(q, keys, values, mask).transpose(1, 2),
         "truth": lambda: attention_ref(q.float(), keys.float(), values.float(), mask).transpose(1, 2),
     }

@@ -111,7 +111,8 @@ class Attention(nn.Module):
         norm_rope(k_raw, self.k_norm.weight, inv_freq, self.eps, pos0=n, out=keys.transpose(1, 2), slot0=n)
         norm_rope(v_raw, None, None, self.eps, pos0=n, out=values.transpose(1, 2), slot0=n)
         band = cache.band(self.kind, causal)
-        return fused_attention(q, keys, values, cache.pos[self.kind], cache.valid[self.kind], n, band)
+        o = fused_attention(q, keys, values, cache.pos[self.kind], cache.valid[self.kind], n, band)
+        return o.transpose(1, 2)  # (B, T, H, d) for o_proj
 
 
 class GatedMLP(nn.Module):

@@ -46,6 +46,7 @@ def run_both(cache, layer, q, kind, causal, splits=None, upcast=False):
     T, n = q.shape[2], cache.length
     band = cache.band(kind, causal)
     out = attention(q, cache.k[layer], cache.v[layer], cache.pos[kind], cache.valid[kind], n, band, splits=splits)
+    out = out.transpose(1, 2)
     S = min(cache.slots_of[kind], n + T)
     mask = cache.mask(kind, T, causal)
     k, v = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
