@@ -1,5 +1,5 @@
-"""Fused Triton kernels behind the model's `backend="triton"`: attention (attention.py); MoE and the vocabulary pass
-arrive with their issues."""
+"""Fused Triton kernels behind the model's `backend="triton"`: attention (attention.py), the router and experts
+(moe.py); the vocabulary pass arrives with its issue."""
 
 from __future__ import annotations
 

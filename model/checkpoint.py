@@ -24,9 +24,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import Config
-from .model import DiffusionGemma
+from .model import DiffusionGemma, Experts
 
 IGNORED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+EXPERT_BANKS = ("experts.gate_up_proj", "experts.down_proj")  # what expert_dtype="fp8" quantizes
 
 
 class CheckpointError(ValueError):
@@ -83,12 +84,18 @@ def read_generation_config(folder: str | Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def load_model(path, *, dtype=torch.bfloat16, device="cpu", window="shared", backend="torch") -> DiffusionGemma:
+def load_model(
+    path, *, dtype=torch.bfloat16, device="cpu", window="shared", backend="torch", expert_dtype=None
+) -> DiffusionGemma:
+    """expert_dtype None keeps the expert banks in `dtype`; "fp8" quantizes each bank on `device` as it loads
+    (Experts.quantize_fp8), so the full-precision banks never all sit in memory at once."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a checkpoint folder")
     if dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"dtype must be torch.bfloat16 or torch.float32, not {dtype}")
+    if expert_dtype not in (None, "fp8"):
+        raise ValueError(f"expert_dtype must be None or 'fp8', not {expert_dtype!r}")
     config = read_config(folder)
     with torch.device("meta"):
         model = DiffusionGemma(config, window=window, backend=backend)
@@ -108,8 +115,14 @@ def load_model(path, *, dtype=torch.bfloat16, device="cpu", window="shared", bac
         if found != tuple(shape):
             raise CheckpointError(f"{name} is {list(found)} in the checkpoint but config.json implies {list(shape)}")
 
-    state = {
-        ours: handles[files[name]].get_tensor(name).to(device=device, dtype=dtype) for name, (ours, _) in wanted.items()
-    }
+    state, scales = {}, {}
+    for name, (ours, _) in wanted.items():
+        tensor = handles[files[name]].get_tensor(name).to(device=device, dtype=dtype)
+        if expert_dtype == "fp8" and ours.endswith(EXPERT_BANKS):
+            tensor, scales[ours.replace("_proj", "_scale")] = Experts.quantize_fp8(tensor)
+        state[ours] = tensor
     model.load_state_dict(state, strict=True, assign=True)
+    for name, scale in scales.items():  # non-persistent buffers: load_state_dict does not see them
+        module, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(module), attr, scale)
     return model.to(device).eval()

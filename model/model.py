@@ -127,15 +127,20 @@ class GatedMLP(nn.Module):
 
 
 class Router(nn.Module):
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, backend: str = "torch"):
         super().__init__()
         self.top_k, self.eps, self.root = config.top_k_experts, config.rms_norm_eps, config.hidden_size**-0.5
+        self.backend = backend
         self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.scale = nn.Parameter(torch.ones(config.hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
 
     def forward(self, r):
         """r (T, D), the un-normalized residual -> routing weights (T, K) fp32 and expert ids (T, K)."""
+        if self.backend == "triton":
+            from ..kernels.moe import route
+
+            return route(r, self.scale, self.proj.weight, self.per_expert_scale, self.top_k, self.eps)
         z = rms_norm(r, None, self.eps) * self.scale * self.root  # 12
         probs = self.proj(z).softmax(-1, dtype=torch.float32)  # over all E experts
         weights, idx = probs.topk(self.top_k, dim=-1)
@@ -164,14 +169,36 @@ def moe(x, weights, idx, gate_up_proj, down_proj):
 
 
 class Experts(nn.Module):
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, backend: str = "torch"):
         super().__init__()
         E, I, D = config.num_experts, config.moe_intermediate_size, config.hidden_size
+        self.backend = backend
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        # Set when the banks are float8_e4m3fn (checkpoint.load_model's expert_dtype="fp8"): fp32 (E, 2I) and (E, D).
+        self.register_buffer("gate_up_scale", None, persistent=False)
+        self.register_buffer("down_scale", None, persistent=False)
 
     def forward(self, x, weights, idx):
+        if self.backend == "triton":
+            from ..kernels.moe import moe as fused_moe
+
+            return fused_moe(x, weights, idx, self.gate_up_proj, self.down_proj, self.gate_up_scale, self.down_scale)
+        if self.gate_up_scale is not None:  # the reference runs fp8 banks on their dequantized values
+            gate_up = self.dequantize_fp8(self.gate_up_proj, self.gate_up_scale, x.dtype)
+            return moe(x, weights, idx, gate_up, self.dequantize_fp8(self.down_proj, self.down_scale, x.dtype))
         return moe(x, weights, idx, self.gate_up_proj, self.down_proj)
+
+    @staticmethod
+    def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E, N, R) bank -> float8_e4m3fn bank and fp32 scales (E, N): one per output channel, its amax / 448."""
+        amax = w.detach().abs().amax(-1).float()
+        scale = torch.where(amax > 0, amax / 448.0, 1.0)  # 448 is e4m3's largest finite value; a zero row keeps 1
+        return (w.float() / scale[..., None]).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+
+    @staticmethod
+    def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (q.float() * scale[..., None]).to(dtype)
 
 
 class Layer(nn.Module):
@@ -185,8 +212,8 @@ class Layer(nn.Module):
         self.mlp = GatedMLP(D, config.intermediate_size)
         self.pre_feedforward_layernorm = RMSNorm(D, eps)
         self.post_feedforward_layernorm_1 = RMSNorm(D, eps)
-        self.router = Router(config)
-        self.experts = Experts(config)
+        self.router = Router(config, backend)
+        self.experts = Experts(config, backend)
         self.pre_feedforward_layernorm_2 = RMSNorm(D, eps)
         self.post_feedforward_layernorm_2 = RMSNorm(D, eps)
         self.post_feedforward_layernorm = RMSNorm(D, eps)
@@ -235,8 +262,11 @@ class DiffusionGemma(nn.Module):
             self.register_buffer(f"inv_freq_{kind}", rope_inv_freq(config, kind), persistent=False)
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype=torch.bfloat16, device="cpu", backend="torch", window="shared"):
-        """Loads an official checkpoint folder unchanged (see checkpoint.py)."""
+    def from_pretrained(
+        cls, path, *, dtype=torch.bfloat16, device="cpu", backend="torch", window="shared", expert_dtype=None
+    ):
+        """Loads an official checkpoint folder unchanged (see checkpoint.py); expert_dtype="fp8" quantizes the expert
+        banks to float8_e4m3fn with per-output-channel scales as they load."""
         from .checkpoint import load_model
 
         if backend not in BACKENDS:
@@ -245,7 +275,7 @@ class DiffusionGemma(nn.Module):
             from ..kernels import require_triton
 
             require_triton(device)
-        return load_model(path, dtype=dtype, device=device, window=window, backend=backend)
+        return load_model(path, dtype=dtype, device=device, window=window, backend=backend, expert_dtype=expert_dtype)
 
     @property
     def dtype(self):

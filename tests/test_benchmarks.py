@@ -40,6 +40,20 @@ def test_bench_attention_smoke(tmp_path):
     assert {row["provider"] for row in rows} >= {"ours", "reference"}
 
 
+def test_bench_moe_smoke(tmp_path):
+    from harness import FIELDS
+
+    rows = smoke("bench_moe.py", tmp_path / "rows.csv")
+    assert rows and all(set(row) == set(FIELDS) and all(row[k] for k in FIELDS if k != "note") for row in rows)
+    assert {row["op"] for row in rows} == {"moe", "moe-route+align"}
+    assert {row["provider"] for row in rows if row["op"] == "moe"} == {"ours", "transformers-grouped_mm", "reference"}
+    assert {row["dtype"].split()[0] for row in rows} == {"float32", "float8_e4m3fn"}  # fp32 banks on the CPU, and fp8
+    for row in rows:
+        if row["op"] == "moe":
+            err = float(re.search(r"max abs err vs fp32 (\S+?);", row["note"]).group(1))
+            assert err < 1e-4, row
+
+
 @pytest.fixture(autouse=True)
 def benchmarks_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))

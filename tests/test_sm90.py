@@ -22,5 +22,6 @@ def test_production_kernels_compile_for_hopper():
     for row in rows:
         print(row)  # the resource report, for the log
         assert 0 < row["registers"] <= 255 and row["shared"] <= SMEM_LIMIT, row
-        assert row["wgmma"] == row["label"].startswith("attention"), row  # both dots on Hopper's tensor-core path
-    assert {row["label"].split()[0] for row in rows} == {"attention", "combine", "norm_rope"}
+        if row["label"].startswith("attention"):
+            assert row["wgmma"], row  # both dots on Hopper's warpgroup tensor-core path
+    assert {row["label"].split()[0] for row in rows} == {"attention", "combine", "norm_rope", "moe"}
