@@ -78,6 +78,7 @@ def production() -> list[tuple[str, object, dict, dict, tuple, int, int]]:
             label = f"norm_rope d{d} {'q/k' if weighted else 'v'}"
             out.append((label, attention._norm_rope_kernel, pointers, constexprs, ("eps",), 4, 1))
     T, K, E = config.canvas_length, config.top_k_experts, config.num_experts
+    D, I = config.hidden_size, config.moe_intermediate_size
     router = dict(r_ptr="*bf16", scale_ptr="*bf16", proj_ptr="*bf16", expert_scale_ptr="*bf16")
     router.update(weights_ptr="*fp32", idx_ptr="*i32")
     constexprs = dict(K=K, BLOCK_T=16, BLOCK_D=64, BLOCK_E=E, BLOCK_K=K, PRECISION="tf32")
@@ -86,15 +87,15 @@ def production() -> list[tuple[str, object, dict, dict, tuple, int, int]]:
     out.append(("moe count", moe._count_kernel, ids, dict(BLOCK_P=1024), (), 4, 1))
     out.append(("moe place", moe._place_kernel, ids, dict(BLOCK_M=32, BLOCK_P=1024, BLOCK_E=E), (), 4, 1))
     for bank in ("bf16", "fp8e4nv"):
-        tiles = moe.tile_config(T, K, E, moe.FP8 if bank == "fp8e4nv" else torch.bfloat16, cuda)
+        tiles = moe.tile_config(T, K, E, cuda)
         warps, stages = tiles.pop("num_warps"), tiles.pop("num_stages")
         scaled = bank != "bf16"
         pointers = dict(w_ptr=f"*{bank}", scale_ptr="*fp32" if scaled else f"*{bank}", pair_ptr="*i32")
         pointers.update(block_expert_ptr="*i32", x_ptr="*bf16", h_ptr="*bf16", y_ptr="*bf16")
-        constexprs = dict(SCALED=scaled, PRECISION="tf32", **tiles)
         label = " ".join(f"{k}={v}" for k, v in tiles.items())
-        out.append((f"moe gate_up {bank} {label}", moe._gate_up_kernel, pointers, constexprs, (), warps, stages))
-        out.append((f"moe down {bank} {label}", moe._down_kernel, pointers, constexprs, (), warps, stages))
+        for name, kernel, reduced in (("gate_up", moe._gate_up_kernel, D), ("down", moe._down_kernel, I)):
+            constexprs = dict(SCALED=scaled, PRECISION="tf32", EVEN_R=reduced % tiles["BLOCK_R"] == 0, **tiles)
+            out.append((f"moe {name} {bank} {label}", kernel, pointers, constexprs, (), warps, stages))
     sums = dict(y_ptr="*bf16", weights_ptr="*fp32", out_ptr="*bf16")
     out.append(("moe sum", moe._sum_kernel, sums, dict(BLOCK_T=16, BLOCK_D=256), (), 4, 1))
     return out

@@ -158,8 +158,8 @@ def _gate_up_kernel(
     stride_se,
     stride_hm,
     h_ptr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SCALED: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, EVEN_R: tl.constexpr,
+    SCALED: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -167,23 +167,29 @@ def _gate_up_kernel(
         return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(pair_ptr + rows)
-    row_ok = pair < pairs  # padding rows read zeros and produce zeros
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
-    x_rows = x_ptr + (pair // top_k).to(tl.int64)[:, None] * stride_xt
-    w_gate = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn  # gate rows n, up rows I + n
+    # Clamped rows and columns instead of masks (padding rows read the last token, spare columns the last channel;
+    # neither is stored): with unmasked (BLOCK_R, BLOCK_N) weight loads sm_90a spills 8 B here, masked 400 B.
+    tokens = tl.minimum(pair // top_k, pairs // top_k - 1)
+    x_rows = x_ptr + tokens.to(tl.int64)[:, None] * stride_xt
+    w_gate = w_ptr + expert * stride_we + tl.minimum(offs_n, I - 1)[None, :] * stride_wn  # gate rows n, up I + n
     w_up = w_gate + I * stride_wn
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for r0 in range(0, D, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_ok = offs_r < D
-        x = tl.load(x_rows + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-        w_ok = n_ok[:, None] & r_ok[None, :]
-        wg = tl.load(w_gate + offs_r[None, :], mask=w_ok, other=0.0).to(x.dtype)  # fp8 upcast in registers
-        wu = tl.load(w_up + offs_r[None, :], mask=w_ok, other=0.0).to(x.dtype)
-        acc_gate = tl.dot(x, tl.trans(wg), acc_gate, input_precision=PRECISION)
-        acc_up = tl.dot(x, tl.trans(wu), acc_up, input_precision=PRECISION)
+        if EVEN_R:
+            x = tl.load(x_rows + offs_r[None, :])
+            wg = tl.load(w_gate + offs_r[:, None]).to(x.dtype)  # fp8 upcast in registers
+            wu = tl.load(w_up + offs_r[:, None]).to(x.dtype)
+        else:
+            r_ok = offs_r < D
+            x = tl.load(x_rows + offs_r[None, :], mask=r_ok[None, :], other=0.0)
+            wg = tl.load(w_gate + offs_r[:, None], mask=r_ok[:, None], other=0.0).to(x.dtype)
+            wu = tl.load(w_up + offs_r[:, None], mask=r_ok[:, None], other=0.0).to(x.dtype)
+        acc_gate = tl.dot(x, wg, acc_gate, input_precision=PRECISION)
+        acc_up = tl.dot(x, wu, acc_up, input_precision=PRECISION)
     if SCALED:  # fp8: one scale per output channel
         scales = scale_ptr + expert * stride_se + offs_n
         acc_gate *= tl.load(scales, mask=n_ok, other=0.0)[None, :]
@@ -204,8 +210,8 @@ def _down_kernel(
     stride_se,
     stride_yp,
     y_ptr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SCALED: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, EVEN_R: tl.constexpr,
+    SCALED: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -216,14 +222,18 @@ def _down_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < D
     h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hm
-    w_rows = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn
+    w_cols = w_ptr + expert * stride_we + tl.minimum(offs_n, D - 1)[None, :] * stride_wn  # clamped, as in gate_up
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for r0 in range(0, I, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_ok = offs_r < I
-        h = tl.load(h_rows + offs_r[None, :], mask=r_ok[None, :], other=0.0)
-        w = tl.load(w_rows + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(h.dtype)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+        if EVEN_R:
+            h = tl.load(h_rows + offs_r[None, :])
+            w = tl.load(w_cols + offs_r[:, None]).to(h.dtype)
+        else:
+            r_ok = offs_r < I
+            h = tl.load(h_rows + offs_r[None, :], mask=r_ok[None, :], other=0.0)
+            w = tl.load(w_cols + offs_r[:, None], mask=r_ok[:, None], other=0.0).to(h.dtype)
+        acc = tl.dot(h, w, acc, input_precision=PRECISION)
     if SCALED:
         acc *= tl.load(scale_ptr + expert * stride_se + offs_n, mask=n_ok, other=0.0)[None, :]
     # ----- each pair's own row, in the activation dtype as F.linear returns it; `_sum_kernel` weights and adds them
@@ -310,7 +320,7 @@ def align(idx, num_experts: int, block_m: int):
     return pair, block_expert
 
 
-def tile_config(tokens: int, top_k: int, num_experts: int, dtype: torch.dtype, device: torch.device) -> dict:
+def tile_config(tokens: int, top_k: int, num_experts: int, device: torch.device) -> dict:
     """GEMM tiles: the smallest legal tiles under the interpreter; on a GPU, untuned starting points (no GPU has been
     available to tune them with benchmarks/bench_moe.py). BLOCK_M grows with the mean rows per expert T*K/E, so that
     at T=256 (16 per expert) most experts fit one block and each weight tile is streamed once."""
@@ -318,8 +328,8 @@ def tile_config(tokens: int, top_k: int, num_experts: int, dtype: torch.dtype, d
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_R=16, num_warps=4, num_stages=1)
     rows = tokens * top_k / num_experts
     block_m = 16 if rows <= 8 else 32 if rows <= 24 else 64
-    block_r = 128 if dtype == FP8 else 64  # an 8 KB weight tile either way (the gate/up GEMM loads two per step)
-    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_R=block_r, num_warps=4, num_stages=4)
+    # BLOCK_R 64 for fp8 banks too: at 128 their gate_up spilled 1480 B on sm_90a, at 64 160 B (dgemma.kernels.aot)
+    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_R=64, num_warps=4, num_stages=4)
 
 
 def moe(x, weights, idx, gate_up_proj, down_proj, gate_up_scale=None, down_scale=None, *, config: dict | None = None):
@@ -348,7 +358,7 @@ def moe(x, weights, idx, gate_up_proj, down_proj, gate_up_scale=None, down_scale
         )
     if x.stride(-1) != 1 or gate_up_proj.stride(-1) != 1 or down_proj.stride(-1) != 1:
         raise ValueError("x and the expert banks need a contiguous last dim")
-    cfg = dict(config or tile_config(T, K, E, gate_up_proj.dtype, x.device))
+    cfg = dict(config or tile_config(T, K, E, x.device))
     block_m = cfg.pop("BLOCK_M")
     pair, block_expert = align(idx, E, block_m)
     blocks = block_expert.numel()
@@ -365,7 +375,7 @@ def moe(x, weights, idx, gate_up_proj, down_proj, gate_up_scale=None, down_scale
         gate_up_scale.stride(0),
         h.stride(0),
         h,
-        BLOCK_M=block_m, SCALED=scaled, PRECISION=precision, **cfg,
+        BLOCK_M=block_m, EVEN_R=D % cfg["BLOCK_R"] == 0, SCALED=scaled, PRECISION=precision, **cfg,
     )  # fmt: skip
     y = torch.empty(T * K, D, device=x.device, dtype=x.dtype)  # each pair's expert output, (token, choice) order
     _down_kernel[(blocks, triton.cdiv(D, cfg["BLOCK_N"]))](
@@ -376,7 +386,7 @@ def moe(x, weights, idx, gate_up_proj, down_proj, gate_up_scale=None, down_scale
         down_scale.stride(0),
         y.stride(0),
         y,
-        BLOCK_M=block_m, SCALED=scaled, PRECISION=precision, **cfg,
+        BLOCK_M=block_m, EVEN_R=I % cfg["BLOCK_R"] == 0, SCALED=scaled, PRECISION=precision, **cfg,
     )  # fmt: skip
     out = torch.empty(T, D, device=x.device, dtype=x.dtype)
     block_t, block_d = (16, 256) if x.device.type == "cuda" else (16, triton.next_power_of_2(D))
