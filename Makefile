@@ -20,10 +20,9 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-# Until the embedded Sudoku model ships, the demo generates with a tiny random checkpoint built by the tests' oracle.
+# The main job on the embedded default: the shipped 4x4 Sudoku model solves a random puzzle on the CPU, step by step.
 demo: $(STAMP)
-	$(PY) tests/oracle.py build/tiny
-	$(VENV)/bin/dgemma generate --model build/tiny --max-new-tokens 16 --steps 8 "Why is the sky blue?"
+	$(VENV)/bin/dgemma sudoku
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -333,10 +333,18 @@ class DiffusionGemma(nn.Module):
 
         `self_conditioning` is the previous step's processed (temperature-scaled) logits; None at a canvas's first step.
         """
+        soft = None if self_conditioning is None else self.soft_embedding(self_conditioning)
+        return self.logits(self.denoise_hidden(canvas_ids, cache, soft))
+
+    @torch.no_grad()
+    def denoise_hidden(self, canvas_ids, cache: KVCache, soft=None):
+        """The same pass up to the final norm -> (B, C, D), for the fused vocabulary pass (kernels/vocab.py).
+
+        `soft` is the self-conditioning soft embedding (B, C, D) of the previous step; None (zero) at a canvas's start.
+        """
         embedded = self.embed(canvas_ids)
-        soft = torch.zeros_like(embedded) if self_conditioning is None else self.soft_embedding(self_conditioning)
-        h = self._layers(self.self_conditioning(embedded, soft), cache, None, decoder=True)
-        return self.logits(h)
+        soft = torch.zeros_like(embedded) if soft is None else soft
+        return self._layers(self.self_conditioning(embedded, soft), cache, None, decoder=True)
 
     def logits(self, h):
         cap = self.config.final_logit_softcapping

@@ -1,4 +1,7 @@
-"""The `dgemma` command line: `dgemma generate --model DIR "prompt"` shows the canvas refining in place."""
+"""The `dgemma` command line: `dgemma generate --model DIR "prompt"` shows the canvas refining in place.
+
+`dgemma sudoku`, `dgemma eval sudoku` and `dgemma train sudoku` run the embedded Sudoku model (sudoku_cli.py).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +14,11 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
+from ..export import cli as export_cli
 from ..model.cache import WINDOW_MODES
 from ..model.checkpoint import CheckpointError
 from ..model.model import BACKENDS
+from . import sudoku_cli
 from .pipeline import Draft, Pipeline
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -36,6 +41,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--backend", choices=BACKENDS, default="torch")
     g.add_argument("--window", choices=WINDOW_MODES, default="shared", help="decoder sliding window")
+    sudoku_cli.add_parsers(sub)
+    export_cli.add_parser(sub)
     return p
 
 
@@ -93,7 +100,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     console = Console()
     try:
-        generate(args, console)
+        ({"generate": generate, "export": export_cli.run} | sudoku_cli.COMMANDS)[args.command](args, console)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         return 2

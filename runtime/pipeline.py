@@ -19,6 +19,8 @@ import torch
 from ..model.checkpoint import read_generation_config
 from ..model.model import DiffusionGemma
 from ..model.tokenizer import Tokenizer
+from .engine import ENGINE_BACKENDS
+from .engine import load as load_engine
 from .sampler import (
     SamplingConfig,
     SeededDraws,
@@ -71,7 +73,10 @@ def generate_ids(
     on_draft: Callable[[Draft], None] | None = None,
     on_commit: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, Stats]:
-    """prompt (B, P) left-padded ids -> (B, P + k*C) ids with the committed canvases appended, and statistics."""
+    """prompt (B, P) left-padded ids -> (B, P + k*C) ids with the committed canvases appended, and statistics.
+
+    The Triton backend (reference=False) denoises each canvas in `DeviceLoop`, without a host sync until the commit.
+    """
     start = time.perf_counter()
     B, P = prompt.shape
     C, V, device = model.config.canvas_length, model.config.vocab_size, prompt.device
@@ -83,6 +88,7 @@ def generate_ids(
     stats.encoder_passes += 1
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     passes = torch.zeros(B, dtype=torch.long, device=device)
+    device_loop = None if reference or model.backend != "triton" else DeviceLoop(model, B, cfg, seed)
     out = [prompt]
     for k in range(canvases):
         if k > 0:
@@ -91,30 +97,10 @@ def generate_ids(
         canvas = draws.canvas(B, C, V, device)  # drawn even under a warm start, as transformers does
         if k == 0 and warm_start is not None:
             canvas = warm_start.to(device)
-        argmax, logits_sc = canvas, None
-        history = torch.full((cfg.stability_threshold, B, C), -1, device=device)
-        # Transformers keeps denoising rows that already ended (and pads them afterwards); otherwise skip them.
-        done = torch.zeros_like(finished) if reference else finished.clone()
-        for step, remaining in enumerate(range(cfg.max_denoising_steps, 0, -1)):
-            passes += ~(done | finished)
-            z = model.denoise(canvas, cache, logits_sc) / temperature(remaining, cfg)  # (B, C, V) fp32
-            sample = draws.sample(z.softmax(-1, dtype=torch.float32))
-            new_argmax = z.argmax(-1)
-            H = entropy(z)
-            accepted = entropy_bound_accept(H, cfg.entropy_bound)
-            new_canvas = torch.where(accepted, sample, draws.canvas(B, C, V, device))
-            if logits_sc is not None:  # stopped rows stay frozen
-                new_argmax = torch.where(done[:, None], argmax, new_argmax)
-                new_canvas = torch.where(done[:, None], canvas, new_canvas)
-                z = torch.where(done[:, None, None], logits_sc, z)
-            done = done | (stable(history, new_argmax) & (H.mean(-1) < cfg.confidence_threshold))
-            if on_draft is not None:
-                on_draft(Draft(k, step, new_argmax.cpu(), accepted.cpu(), (new_argmax != argmax).cpu(), done.cpu()))
-            stats.accepted_per_step.append(accepted.sum(-1).float().mean().item())
-            canvas, argmax, logits_sc = new_canvas, new_argmax, z.to(model.dtype)
-            if done.all():
-                break
-        stats.steps_per_canvas.append(step + 1)
+        if device_loop is not None:
+            argmax = device_loop.denoise(canvas, cache, finished, passes, stats, k, on_draft)
+        else:
+            argmax = _denoise(model, canvas, cache, cfg, draws, finished, passes, stats, k, reference, on_draft)
         committed, finished = finalize_canvas(argmax, finished, cfg)
         out.append(committed)
         if on_commit is not None:
@@ -128,6 +114,114 @@ def generate_ids(
     stats.new_tokens = int(valid.sum())
     stats.seconds = time.perf_counter() - start
     return sequences, stats
+
+
+def _denoise(model, canvas, cache, cfg, draws, finished, passes, stats, k, reference, on_draft) -> torch.Tensor:
+    """One canvas (B, C) in PyTorch, one host sync per step -> the argmax canvas to commit."""
+    B, C, V, device = *canvas.shape, model.config.vocab_size, canvas.device
+    argmax, logits_sc = canvas, None
+    history = torch.full((cfg.stability_threshold, B, C), -1, device=device)
+    # Transformers keeps denoising rows that already ended (and pads them afterwards); otherwise skip them.
+    done = torch.zeros_like(finished) if reference else finished.clone()
+    for step, remaining in enumerate(range(cfg.max_denoising_steps, 0, -1)):
+        passes += ~(done | finished)
+        z = model.denoise(canvas, cache, logits_sc) / temperature(remaining, cfg)  # (B, C, V) fp32
+        sample = draws.sample(z.softmax(-1, dtype=torch.float32))
+        new_argmax = z.argmax(-1)
+        H = entropy(z)
+        accepted = entropy_bound_accept(H, cfg.entropy_bound)
+        new_canvas = torch.where(accepted, sample, draws.canvas(B, C, V, device))
+        if logits_sc is not None:  # stopped rows stay frozen
+            new_argmax = torch.where(done[:, None], argmax, new_argmax)
+            new_canvas = torch.where(done[:, None], canvas, new_canvas)
+            z = torch.where(done[:, None, None], logits_sc, z)
+        done = done | (stable(history, new_argmax) & (H.mean(-1) < cfg.confidence_threshold))
+        if on_draft is not None:
+            on_draft(Draft(k, step, new_argmax.cpu(), accepted.cpu(), (new_argmax != argmax).cpu(), done.cpu()))
+        stats.accepted_per_step.append(accepted.sum(-1).float().mean().item())
+        canvas, argmax, logits_sc = new_canvas, new_argmax, z.to(model.dtype)
+        if done.all():
+            break
+    stats.steps_per_canvas.append(step + 1)
+    return argmax
+
+
+class DeviceLoop:
+    """The Triton backend's canvas loop: the fused vocabulary pass (kernels/vocab.py) and the sampler's state update
+    (kernels/sampler.py) keep every per-canvas tensor on the device, so a canvas runs without a host sync until its
+    commit; the statistics are read once per canvas.
+
+    Same semantics as `_denoise` with `SeededDraws` (same first canvas; stopped rows frozen; same statistics); only
+    the per-step draws differ, Philox in-kernel instead of torch's generator.
+
+    Stopping: the exact no-sync loop cannot know on the host when the canvas has converged. Running all N steps with
+    converged rows predicated off would need no host contact at all (one CUDA graph per canvas) but would pay for
+    every unneeded decoder pass: at N = 48 a canvas that converges at step 15 costs 3x. Instead each step queues a copy
+    of the device's "still running" flag into pinned memory behind an event; before queueing step i the host reads
+    step i-1's flag if its event has fired (a non-blocking query), else waits for step i-2's event. The device has
+    step i-1 queued meanwhile, so it never idles for the host (as long as the host queues a step faster than the device
+    runs one), and a converged canvas costs at most one extra decoder pass, a no-op: every row is frozen and the device
+    gates the statistics and the random-number tick on that flag, so the results do not depend on the timing.
+    """
+
+    def __init__(self, model: DiffusionGemma, batch: int, cfg: SamplingConfig, seed: int):
+        from ..kernels.sampler import SamplerState
+
+        self.model, self.cfg, self.seed = model, cfg, seed
+        device, N, D = model.device, cfg.max_denoising_steps, model.config.hidden_size
+        schedule = torch.stack([temperature(n, cfg) for n in range(N, 0, -1)]).to(device)  # bit-equal, built once
+        self.state = SamplerState.new(
+            batch, model.config.canvas_length, D, cfg.stability_threshold, schedule, model.dtype
+        )
+        self.scale = torch.tensor(D**0.5, dtype=model.dtype).item()  # sqrt(D) in the weight dtype, as `embed`
+        self.cuda = device.type == "cuda"
+        self.flags = torch.ones(N, dtype=torch.int32, pin_memory=self.cuda)  # host copies of `running`, per step
+        self.events = [torch.cuda.Event() for _ in range(N)] if self.cuda else []
+
+    def converged(self, step: int) -> bool:
+        """Whether the host knows that the reference loop would not run step `step` (see the class docstring)."""
+        if step >= 1 and (not self.cuda or self.events[step - 1].query()) and self.flags[step - 1] == 0:
+            return True
+        if step >= 2 and self.cuda:
+            self.events[step - 2].synchronize()
+            return bool(self.flags[step - 2] == 0)
+        return False
+
+    def denoise(self, canvas, cache, finished, passes, stats: Stats, k: int, on_draft) -> torch.Tensor:
+        """One canvas (B, C) -> the argmax canvas to commit (a device tensor, overwritten by the next canvas)."""
+        from ..kernels.sampler import sampler_step
+        from ..kernels.vocab import vocab_pass
+
+        model, cfg, state = self.model, self.cfg, self.state
+        (B, C), D, V = canvas.shape, model.config.hidden_size, model.config.vocab_size
+        state.start(canvas, finished)
+        self.flags.fill_(1)
+        for step in range(cfg.max_denoising_steps):
+            if self.converged(step):
+                break
+            last = state.argmax.clone() if on_draft is not None else None
+            h = model.denoise_hidden(state.canvas, cache, state.soft).view(B * C, D)
+            out = vocab_pass(
+                h, model.embed_tokens.weight, state.temperature, state.tick, seed=self.seed,
+                cap=model.config.final_logit_softcapping, scale=self.scale, soft=state.soft.view(B * C, D),
+                keep=state.frozen,
+            )  # fmt: skip
+            sampler_step(
+                state, out.argmax.view(B, C), out.sample.view(B, C), out.entropy.view(B, C), passes,
+                V=V, seed=self.seed, bound=cfg.entropy_bound, threshold=cfg.confidence_threshold,
+            )  # fmt: skip
+            self.flags[step : step + 1].copy_(state.running, non_blocking=True)
+            if self.cuda:
+                self.events[step].record()
+            if on_draft is not None:  # the callback takes host tensors: a sync per step, only when asked for
+                host = (state.argmax, state.accepted, state.argmax != last, state.done)
+                on_draft(Draft(k, step, *(t.to("cpu", copy=True) for t in host)))
+        counts = state.counts.tolist()  # the canvas's statistics, read once
+        steps = counts[0]
+        accepted = torch.tensor(counts[1 : 1 + steps * B], dtype=torch.int32).view(steps, B)
+        stats.steps_per_canvas.append(steps)
+        stats.accepted_per_step.extend(accepted.float().mean(-1).tolist())
+        return state.argmax
 
 
 @dataclass
@@ -149,8 +243,15 @@ class Pipeline:
         self.model, self.tokenizer, self.generation = model, tokenizer, generation or {}
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype=torch.bfloat16, device="cpu", backend="torch", window="shared"):
-        model = DiffusionGemma.from_pretrained(path, dtype=dtype, device=device, backend=backend, window=window)
+    def from_pretrained(
+        cls, path, *, dtype=torch.bfloat16, device="cpu", backend="torch", window="shared", engine=None
+    ):
+        """backend "onnxruntime" or "tensorrt" runs the graphs in `engine`, a folder written by `dgemma export`, checked
+        against this checkpoint (runtime/engine.py); their dtype is the export's, not `dtype`."""
+        if backend in ENGINE_BACKENDS:
+            model = load_engine(path, engine, backend=backend, device=device, window=window)
+        else:
+            model = DiffusionGemma.from_pretrained(path, dtype=dtype, device=device, backend=backend, window=window)
         tokenizer = Tokenizer.from_pretrained(path) if (Path(path) / "tokenizer.json").exists() else None
         return cls(model, tokenizer, read_generation_config(path))
 

@@ -57,3 +57,15 @@ def test_bench_moe_smoke(tmp_path):
 @pytest.fixture(autouse=True)
 def benchmarks_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+
+
+def test_bench_vocab_smoke(tmp_path):
+    from harness import FIELDS
+
+    rows = smoke("bench_vocab.py", tmp_path / "rows.csv")
+    assert rows and all(set(row) == set(FIELDS) and all(row[k] for k in FIELDS if k != "note") for row in rows)
+    assert {row["op"] for row in rows} == {"vocab"}
+    assert {row["provider"] for row in rows} == {"ours", "ours-recompute", "reference", "torch.compile"}
+    for row in rows:  # every provider computes the same entropies and soft embeddings
+        err = re.search(r"entropy (\S+); max abs err soft (\S+)$", row["note"])
+        assert float(err.group(1)) < 1e-4 and float(err.group(2)) < 1e-4, row

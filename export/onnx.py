@@ -1,0 +1,184 @@
+"""`dgemma export onnx`: the decoder pass (one refinement step) and the encoder pass (a causal chunk that writes K/V)
+as two opset-23 ONNX graphs traced by torch.onnx's dynamo exporter from graphs.py, weights in external data.
+
+Graph inputs (B batch, C canvas length, Pf / Ps the committed keys full / sliding layers see, D hidden):
+    decoder  canvas_ids (B, C) int64, soft (B, C, D), positions (C,) int64,
+             mask_full (B, 1, C, Pf + C) bool, mask_sliding (B, 1, C, Ps + C) bool,
+             past_key_{i}, past_value_{i} (B, Hkv, Pf or Ps, d) for every layer i, in position order
+             -> logits (B, C, V) fp32 soft-capped, or hidden (B, C, D) with output="hidden"
+    encoder  ids (B, C) int64 (a chunk right-padded to C), positions, masks and past K/V as above
+             -> key_{i}, value_{i} (B, Hkv, C, d): the chunk's K/V of every layer
+B, Pf and Ps are dynamic; the masks carry the window mode and left padding (runtime/engine.py builds them).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import onnx
+import torch
+from torch.export import Dim
+
+from ..model.checkpoint import read_config
+from ..model.config import FULL, SLIDING
+from ..model.model import DiffusionGemma
+from . import sidecar
+from .custom_ops import attach, moe_function, moe_node
+from .graphs import OUTPUTS, DecoderGraph, EncoderGraph, dense_moe
+from .sidecar import DTYPES, SHORT, ExportError
+
+OPSET = 23
+ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"} | {
+    onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool"
+}  # fmt: skip
+
+
+def dims(config, max_prompt: int, max_batch: int) -> dict[str, dict[str, int]]:
+    """The dynamic dimensions and their ranges. Every prefix is at least one key: the runtime feeds one masked
+    slot where nothing is committed yet, so no engine needs an empty tensor."""
+    out = {"batch": {"min": 1, "max": max_batch}, "past_full": {"min": 1, "max": max_prompt}}
+    if SLIDING in config.layer_types:  # both window modes see at most W - 1 committed keys
+        out["past_sliding"] = {"min": 1, "max": min(max_prompt, max(config.sliding_window - 1, 1))}
+    return out
+
+
+def example(model: DiffusionGemma, decoder: bool) -> tuple[tuple, tuple, list[str]]:
+    """Inputs to trace with (sizes >= 2 and distinct, so nothing specializes), their dynamic shapes, their names."""
+    config, dtype, g = model.config, model.dtype, torch.Generator().manual_seed(0)
+    C, B = config.canvas_length, 2
+    kinds = sorted(set(config.layer_types))
+    P = {FULL: C + 3, SLIDING: 2}
+    dim = {"batch": Dim("batch"), FULL: Dim("past_full"), SLIDING: Dim("past_sliding")}
+    ids = torch.randint(0, config.vocab_size, (B, C), generator=g)
+    masks = {kind: torch.ones(B, 1, C, P[kind] + C, dtype=torch.bool) for kind in kinds}
+    mask_dims = {kind: {0: dim["batch"], 3: dim[kind] + C} for kind in kinds}
+    past, past_dims, past_names = [], [], []
+    attending = config.layer_types if decoder else config.layer_types[:-1]  # the encoder's last layer stops at K/V
+    for i, kind in enumerate(attending):
+        shape = (B, config.num_kv_heads(kind), P[kind], config.head_dim_of(kind))
+        past += [torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)]
+        past_dims += [{0: dim["batch"], 2: dim[kind]}] * 2
+        past_names += [f"past_key_{i}", f"past_value_{i}"]
+    positions = torch.arange(P[FULL], P[FULL] + C)
+    head = [ids] + ([torch.randn(B, C, config.hidden_size, generator=g).to(dtype)] if decoder else [])
+    names = ["canvas_ids", "soft"] if decoder else ["ids"]
+    args = (*head, positions, masks, past)
+    shapes = (*[{0: dim["batch"]}] * len(head), None, mask_dims, past_dims)
+    return args, shapes, names + ["positions"] + [f"mask_{SHORT[k]}" for k in kinds] + past_names
+
+
+def moe_example(model: DiffusionGemma) -> tuple[torch.Tensor, ...]:
+    """Inputs to trace the dgemma::MoE function body with: three tokens, the first layer's expert banks."""
+    config, experts, g = model.config, model.layers[0].experts, torch.Generator().manual_seed(0)
+    T, K = 3, config.top_k_experts
+    x = torch.randn(T, config.hidden_size, generator=g).to(model.dtype)
+    idx = torch.stack([torch.randperm(config.num_experts, generator=g)[:K] for _ in range(T)])
+    return x, torch.rand(T, K, generator=g), idx, experts.gate_up_proj.detach(), experts.down_proj.detach()
+
+
+def trace(graph, path: Path, decoder: bool) -> None:
+    args, shapes, names = example(graph.model, decoder)
+    n = graph.model.config.num_hidden_layers
+    outputs = [graph.output] if decoder else [f"{kv}_{i}" for i in range(n) for kv in ("key", "value")]
+    with warnings.catch_warnings():  # the exporter warns about every dimension name it reuses, and about meta values
+        warnings.simplefilter("ignore", UserWarning)
+        torch.onnx.export(
+            graph.eval(), args, path, dynamo=True, opset_version=OPSET, input_names=names, output_names=outputs,
+            dynamic_shapes=shapes, external_data=True, optimize=True, verbose=False,
+        )  # fmt: skip
+
+
+def separate_masks(path: Path) -> None:
+    """Gives every Attention node its own mask tensor, And(mask, True). TensorRT-RTX 1.7.1 names an internal op
+    after the mask and, at a static batch, fails on the second layer that shares it ("Graph contains more than one
+    op named mask_sliding.1_iota"); the exporter's common-subexpression pass merges any such copy made in torch."""
+    model = onnx.load(path, load_external_data=False)
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "Attention":
+            mask = f"{node.input[3]}_{node.output[0]}"
+            nodes.append(onnx.helper.make_node("And", [node.input[3], "mask_keep"], [mask]))
+            node.input[3] = mask
+        nodes.append(node)
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    model.graph.initializer.append(onnx.helper.make_tensor("mask_keep", onnx.TensorProto.BOOL, [], [True]))
+    onnx.save(model, path)
+
+
+def describe(path: Path) -> dict:
+    """A graph's inputs and outputs for the sidecar: name, dtype, shape (ints, dimension names, `name + k`)."""
+    graph = onnx.load(path, load_external_data=False).graph
+
+    def entry(v):
+        t = v.type.tensor_type
+        shape = [d.dim_param or d.dim_value for d in t.shape.dim]
+        return {"name": v.name, "dtype": ONNX_DTYPES[t.elem_type], "shape": shape}
+
+    return {"file": path.name, "inputs": [entry(v) for v in graph.input], "outputs": [entry(v) for v in graph.output]}
+
+
+def load(model_dir, dtype: str) -> DiffusionGemma:
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    # fp16 is rounded once from fp32; the checkpoint loader itself reads bf16 or fp32.
+    stored = torch.bfloat16 if dtype == "bf16" else torch.float32
+    return DiffusionGemma.from_pretrained(model_dir, dtype=stored).to(DTYPES[dtype])
+
+
+def export_onnx(
+    model_dir,
+    out_dir,
+    *,
+    dtype: str = "fp32",
+    max_prompt: int | None = None,
+    max_batch: int = 1,
+    output: str = "logits",
+    custom_ops: bool = False,
+    window: str = "shared",
+) -> Path:
+    """Writes decoder.onnx, encoder.onnx (+ .data) and dgemma.json to `out_dir`; returns it.
+
+    max_prompt: the longest committed prefix (prompt plus committed canvases) the engines take, by default
+    min(4096, max_position_embeddings); it bounds TensorRT's optimization profile. max_batch likewise.
+    custom_ops: the MoE as a function-bodied dgemma::MoE node (custom_ops.py).
+    """
+    if output not in OUTPUTS:
+        raise ExportError(f"output must be one of {OUTPUTS}, not {output!r}")
+    config = read_config(model_dir)  # a clear error for a missing or bad checkpoint before anything is written
+    max_prompt = max_prompt or min(4096, config.max_position_embeddings)
+    if max_prompt < 1 or max_batch < 1:
+        raise ExportError("max_prompt and max_batch must be at least 1")
+    model = load(model_dir, dtype)
+    moe = moe_node if custom_ops else dense_moe
+    with torch.no_grad(), sidecar.staging(out_dir) as tmp:
+        graphs = {"decoder": DecoderGraph(model, output, moe), "encoder": EncoderGraph(model, moe)}
+        for name, graph in graphs.items():
+            trace(graph, tmp / f"{name}.onnx", decoder=name == "decoder")
+            separate_masks(tmp / f"{name}.onnx")
+        if custom_ops:
+            function = moe_function(moe_example(model), OPSET)
+            for name in graphs:
+                attach(tmp / f"{name}.onnx", function)
+        for name in graphs:
+            onnx.checker.check_model(tmp / f"{name}.onnx")
+        sidecar.write(
+            tmp,
+            {
+                "format": sidecar.FORMAT,
+                "kind": "onnx",
+                "dtype": dtype,
+                "opset": OPSET,
+                "decoder_output": output,
+                "custom_ops": custom_ops,
+                "window": window,
+                "dims": dims(config, max_prompt, max_batch),
+                "graphs": {name: describe(tmp / f"{name}.onnx") for name in graphs},
+                "config": asdict(config),
+                "checkpoint": {"path": str(Path(model_dir).resolve()), "fingerprint": sidecar.fingerprint(model_dir)},
+                "versions": sidecar.versions("onnx", "onnxscript"),
+            },
+        )
+    return Path(out_dir)

@@ -1,0 +1,395 @@
+"""The vocabulary pass of a denoising step, fused: final hidden states in, everything the sampler needs out.
+
+Per position (row) of h: the scaled logits z = softcap(h E^T) / T (../shared/docs/sampler.md section 3.2), their
+argmax, a sample from softmax(z), the max probability and the entropy of softmax(z), and the next step's
+self-conditioning input softmax(bf16(z)) @ E * sqrt(D) (section 3.4), without ever writing z in fp32.
+
+- `_stats_kernel`, one program per (row tile, vocabulary split), streams its split of E once: each tile of logits is
+  accumulated in fp32, rounded to the activation dtype (as the reference's F.linear output is), soft-capped
+  30 tanh(x / 30) and divided by the row's temperature, in that order, as `DiffusionGemma.logits` and the sampler do.
+  Per row it keeps online: the max and its first index; l - 1 with l = sum exp(z - max) (the max's own term kept out,
+  so a near-deterministic row keeps the leading term of its entropy); sum exp(z - max) (z - max) for the entropy
+  H = log l - that / l; the Gumbel-max key and index, z + g with g = -log(-log u) from Philox (`tl.rand`, key =
+  seed, counter = ((tick * R + row) * (V + 1) + v): reproducible, and independent of the tiling); and the normalizer
+  of softmax over the rounded logits, which is what self-conditioning takes. It stashes bf16(z), the reference's own
+  self-conditioning logits (`z.to(model.dtype)`).
+- `_combine_kernel`, one program per (block of rows, vocabulary chunk), merges the rows' splits, writes their outputs
+  and turns the stash into the probabilities softmax_fp32(bf16(z)) cast to bf16, in place: exactly the reference's
+  `probs` operand.
+- `_soft_kernel` (split-K over the vocabulary) and `_soft_reduce_kernel`: probs @ E, rounded to the activation dtype,
+  times sqrt(D) rounded to it, as `DiffusionGemma.soft_embedding`; rows whose canvas has stopped keep their old value.
+
+Stash or recompute: the soft embedding needs every logit again after the row's normalizer is known. Stashing bf16(z)
+costs 134 MB per 256 positions (written once, normalized in place, read once from HBM: ~0.54 GB of traffic, ~0.16 ms
+on an H100). Recomputing needs no buffer, but the soft-embedding GEMM is tiled over D (its output, 256 x 2816 fp32,
+cannot live in one program), so every D tile would redo the LM head's 0.38 TFLOP over all of D: 11 times at
+BLOCK_N = 256, ~4 TFLOP, ~5 ms at the bf16 peak, half a decoder step. So the stash is the default;
+`vocab_pass(stash=False)` runs the recompute variant (RECOMPUTE in `_soft_kernel`) for a measurement or a
+memory-starved batch.
+
+Legend: R rows (B batch rows of C canvas positions), V vocabulary, D hidden, S splits of the reduced dimension.
+Runs under Triton 3.6 (the GPU image) and 3.9 (CI, TRITON_INTERPRET=1 on the CPU, where bf16 dots are wrong: CPU
+tests use fp32 and fp16).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ..runtime.sampler import entropy as entropy_ref
+
+NEG = tl.constexpr(-1.0e30)  # the empty max and masked logits: finite, so exp(NEG - m) is 0 and never NaN
+MIN_EXP = tl.constexpr(5.9604645e-08)  # 2^-24: the least -log(u) for u < 1 in fp32; floors an approximate log
+G_MAX = tl.constexpr(17.0)  # > -log(MIN_EXP) = 16.64: no Gumbel draw exceeds it
+
+
+class VocabOut(NamedTuple):
+    argmax: torch.Tensor  # (R,) int64: first index of the max scaled logit
+    sample: torch.Tensor  # (R,) int64: a draw from softmax(scaled logits)
+    max_prob: torch.Tensor  # (R,) fp32: max of softmax(scaled logits)
+    entropy: torch.Tensor  # (R,) fp32: entropy (nats) of softmax(scaled logits)
+    soft: torch.Tensor  # (R, D) activation dtype: softmax_fp32(bf16(scaled logits)) in bf16 @ E * sqrt(D)
+
+
+def vocab_ref(h, weight, temperature, cap: float, scale: float):
+    """h (R, D), weight (V, D), temperature (B,) for R = B*C rows -> scaled logits (R, V) fp32, then argmax, max
+    probability, entropy (R,) and soft embedding (R, D): the model's and the sampler's own ops, unfused."""
+    T = temperature.repeat_interleave(h.shape[0] // temperature.numel())[:, None]
+    z = cap * torch.tanh(F.linear(h, weight).float() / cap) / T  # read E, write R*V fp32; then 3 read+write passes
+    probs = z.to(weight.dtype).softmax(-1, dtype=torch.float32).to(weight.dtype)  # read R*V fp32 twice, write bf16
+    soft = (probs @ weight) * torch.tensor(scale, dtype=weight.dtype)  # read R*V bf16 and E again
+    return z, z.argmax(-1), z.softmax(-1).amax(-1), entropy_ref(z), soft  # 4 more passes over R*V fp32
+
+
+@triton.jit
+def _tanh(y):
+    # no tanh in basic tl: (1 - e) / (1 + e) with e = exp(-2|y|) <= 1 (cannot overflow); below |y| = 1/8, where 1 - e
+    # cancels, the odd Taylor polynomial (its next term is < 2e-9 relative there)
+    a = tl.abs(y)
+    e = tl.exp(-2.0 * a)
+    a2 = a * a
+    small = a * (1.0 + a2 * (-0.3333333333 + a2 * (0.1333333333 + a2 * -0.05396825397)))
+    t = tl.where(a < 0.125, small, (1.0 - e) / (1.0 + e))
+    return tl.where(y < 0, -t, t)
+
+
+@triton.jit
+def _log1p(x):
+    # log(1 + x) to full relative precision for a tiny x (no log1p in basic tl): divide 1 + x's rounding back out
+    u = 1.0 + x
+    d = u - 1.0
+    return tl.where(d == 0.0, x, tl.log(u) * (x / tl.where(d == 0.0, 1.0, d)))
+
+
+@triton.jit
+def _scaled_logits(
+    h_ptr, w_ptr, rows, cols, D, stride_hr, stride_wv, cap, temp,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """(BLOCK_M, BLOCK_V) fp32 tile of softcap(h @ E^T) / T, for in-bounds (clamped) int64 rows and vocabulary ids."""
+    acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_rows = h_ptr + rows[:, None] * stride_hr
+    w_rows = w_ptr + cols[:, None] * stride_wv
+    for d0 in range(0, D, BLOCK_D):
+        d_ok = (d0 + offs_d < D)[None, :]
+        h = tl.load(h_rows + d0 + offs_d[None, :], mask=d_ok, other=0.0)
+        w = tl.load(w_rows + d0 + offs_d[None, :], mask=d_ok, other=0.0)
+        acc += tl.dot(h, tl.trans(w), input_precision=PRECISION)
+    x = acc.to(h_ptr.dtype.element_ty).to(tl.float32)  # F.linear's output is in the activation dtype
+    return cap * _tanh(x / cap) / temp[:, None]
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _stats_kernel(
+    h_ptr, w_ptr, temp_ptr, tick_ptr,
+    R, V, D, C, seed, split_len, cap,
+    stride_hr, stride_wv, stride_zr,
+    z_ptr, part_f_ptr, part_i_ptr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, STASH: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_m, split = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    rows = tl.minimum(rows, R - 1).to(tl.int64)  # clamped: loads unmasked, stores masked
+    temp = tl.load(temp_ptr + rows // C)
+    draw = (tl.load(tick_ptr) * R + rows) * (V + 1)  # + v: the Philox counter of (tick, row, v)
+    dtype = h_ptr.dtype.element_ty
+    m_i = tl.full([BLOCK_M], NEG, tl.float32)
+    arg_i = tl.zeros([BLOCK_M], tl.int32)
+    lm_i = tl.full([BLOCK_M], -1.0, tl.float32)  # l - 1, -1 while empty
+    s_i = tl.zeros([BLOCK_M], tl.float32)  # sum exp(z - m) (z - m)
+    lb_i = tl.zeros([BLOCK_M], tl.float32)  # sum exp(rounded z - rounded m)
+    g_i = tl.full([BLOCK_M], NEG, tl.float32)  # best Gumbel key
+    garg_i = tl.zeros([BLOCK_M], tl.int32)
+    start = split * split_len
+    end = tl.minimum(start + split_len, V)
+    for v0 in range(start, end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < end
+        z = _scaled_logits(
+            h_ptr, w_ptr, rows, tl.minimum(cols, V - 1).to(tl.int64), D, stride_hr, stride_wv, cap, temp,
+            BLOCK_M, BLOCK_V, BLOCK_D, PRECISION,
+        )  # fmt: skip
+        if STASH:
+            stash = z_ptr + rows[:, None] * stride_zr + cols[None, :]
+            tl.store(stash, z.to(z_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        z = tl.where(col_ok[None, :], z, NEG)
+        # ----- max, first argmax, l - 1 and the entropy sum, rescaled when the max moves
+        tile_max, tile_arg = tl.max(z, 1, return_indices=True, return_indices_tie_break_left=True)
+        moved = tile_max > m_i  # strictly: a tie keeps the earlier index, as torch.argmax does
+        m_new = tl.maximum(m_i, tile_max)
+        arg_i = tl.where(moved, v0 + tile_arg, arg_i)
+        alpha = tl.exp(m_i - m_new)
+        d = z - m_new[:, None]
+        e = tl.exp(d)
+        rest = tl.sum(tl.where(cols[None, :] == arg_i[:, None], 0.0, e), 1)  # the new max's own 1 left out
+        s_i = alpha * (s_i + (m_i - m_new) * (lm_i + 1.0)) + tl.sum(e * d, 1)
+        lm_i = alpha * lm_i + tl.where(moved, alpha, 0.0) + rest
+        # ----- softmax normalizer over the rounded logits: max(round(z)) = round(max z), rounding being monotone
+        # (masked logits and the empty max are kept out of the cast: -1e30 overflows fp16)
+        mb_new = m_new.to(dtype).to(tl.float32)
+        zb = tl.where(col_ok[None, :], z, m_new[:, None]).to(dtype).to(tl.float32)
+        eb = tl.where(col_ok[None, :], tl.exp(zb - mb_new[:, None]), 0.0)
+        lb_i = lb_i * tl.exp(tl.where(lb_i > 0, m_i, m_new).to(dtype).to(tl.float32) - mb_new) + tl.sum(eb, 1)
+        m_i = m_new
+        # ----- Gumbel-max sample; a tile none of whose keys can beat its rows' best so far skips its draws (exact)
+        if tl.max(tl.where(row_ok, tile_max + G_MAX - g_i, -1.0), 0) > 0:
+            u = tl.rand(seed, draw[:, None] + cols[None, :])
+            key = tl.where(col_ok[None, :], z - tl.log(tl.maximum(-tl.log(u), MIN_EXP)), NEG)
+            k_max, k_arg = tl.max(key, 1, return_indices=True, return_indices_tie_break_left=True)
+            better = k_max > g_i
+            g_i = tl.where(better, k_max, g_i)
+            garg_i = tl.where(better, v0 + k_arg, garg_i)
+    # ----- this split's partial state, (field, split, row) planes
+    plane = tl.num_programs(1) * R
+    at = split * R + rows
+    tl.store(part_f_ptr + at, m_i, mask=row_ok)
+    tl.store(part_f_ptr + plane + at, lm_i, mask=row_ok)
+    tl.store(part_f_ptr + 2 * plane + at, s_i, mask=row_ok)
+    tl.store(part_f_ptr + 3 * plane + at, lb_i, mask=row_ok)
+    tl.store(part_f_ptr + 4 * plane + at, g_i, mask=row_ok)
+    tl.store(part_i_ptr + at, arg_i, mask=row_ok)
+    tl.store(part_i_ptr + plane + at, garg_i, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    part_f_ptr, part_i_ptr,
+    R, V, S, chunk,
+    stride_zr,
+    z_ptr, argmax_ptr, sample_ptr, max_prob_ptr, entropy_ptr, norm_ptr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr, STASH: tl.constexpr,
+):  # fmt: skip
+    # grid (row blocks, vocabulary chunks): every program merges its rows' splits (a few loads); the chunks share
+    # the normalization of the stash, the first one writes the rows' outputs
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    rows = tl.minimum(rows, R - 1).to(tl.int64)
+    offs = tl.arange(0, BLOCK_S)
+    ok = (offs < S)[None, :]
+    plane = S * R
+    at = offs[None, :] * R + rows[:, None]  # (BLOCK_R, BLOCK_S)
+    m = tl.load(part_f_ptr + at, mask=ok, other=NEG)
+    lm = tl.load(part_f_ptr + plane + at, mask=ok, other=-1.0)
+    s = tl.load(part_f_ptr + 2 * plane + at, mask=ok, other=0.0)
+    lb = tl.load(part_f_ptr + 3 * plane + at, mask=ok, other=0.0)
+    g = tl.load(part_f_ptr + 4 * plane + at, mask=ok, other=NEG)
+    # ----- the first split holding the max owns the argmax and the max's own 1; the others add l times their scale
+    m_max, first = tl.max(m, 1, return_indices=True, return_indices_tie_break_left=True)
+    w = tl.exp(m - m_max[:, None])
+    is_first = offs[None, :] == first[:, None]
+    lm_all = tl.sum(tl.where(is_first, lm, w * (lm + 1.0)), 1)
+    s_all = tl.sum(w * (s + (m - m_max[:, None]) * (lm + 1.0)), 1)
+    l_all = 1.0 + lm_all
+    _, g_first = tl.max(g, 1, return_indices=True, return_indices_tie_break_left=True)
+    # ----- softmax over the rounded logits: its max and sum
+    dtype = z_ptr.dtype.element_ty
+    mb = m_max.to(dtype).to(tl.float32)
+    lb_all = tl.sum(tl.exp(tl.where(ok, m, m_max[:, None]).to(dtype).to(tl.float32) - mb[:, None]) * lb, 1)
+    if tl.program_id(1) == 0:
+        arg = tl.sum(tl.where(is_first, tl.load(part_i_ptr + at, mask=ok, other=0), 0), 1)
+        garg = tl.sum(tl.where(offs[None, :] == g_first[:, None], tl.load(part_i_ptr + plane + at, mask=ok), 0), 1)
+        tl.store(argmax_ptr + rows, arg.to(tl.int64), mask=row_ok)
+        tl.store(sample_ptr + rows, garg.to(tl.int64), mask=row_ok)
+        tl.store(max_prob_ptr + rows, 1.0 / l_all, mask=row_ok)
+        tl.store(entropy_ptr + rows, _log1p(lm_all) - s_all / l_all, mask=row_ok)
+        tl.store(norm_ptr + 2 * rows, mb, mask=row_ok)
+        tl.store(norm_ptr + 2 * rows + 1, lb_all, mask=row_ok)
+    # ----- the stash becomes the bf16 probabilities, in place
+    if STASH:
+        start = tl.program_id(1) * chunk
+        end = tl.minimum(start + chunk, V)
+        for v0 in range(start, end, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            c_ok = (cols < end)[None, :]
+            tile = z_ptr + rows[:, None] * stride_zr + cols[None, :]
+            x = tl.load(tile, mask=c_ok, other=0.0).to(tl.float32)
+            tl.store(tile, (tl.exp(x - mb[:, None]) / lb_all[:, None]).to(dtype), mask=row_ok[:, None] & c_ok)
+
+
+@triton.jit
+def _soft_kernel(
+    p_ptr, h_ptr, w_ptr, temp_ptr, norm_ptr,
+    R, V, D, C, split_len, cap,
+    stride_pr, stride_hr, stride_wv,
+    part_ptr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    RECOMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    # grid (row tiles, D tiles, vocabulary splits), row tiles fastest: the programs sharing an E tile run together
+    pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    rows = tl.minimum(rows, R - 1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < D
+    dtype = w_ptr.dtype.element_ty
+    if RECOMPUTE:
+        temp = tl.load(temp_ptr + rows // C)
+        mb, lb = tl.load(norm_ptr + 2 * rows), tl.load(norm_ptr + 2 * rows + 1)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    start = split * split_len
+    end = tl.minimum(start + split_len, V)
+    for k0 in range(start, end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < end
+        if RECOMPUTE:
+            z = _scaled_logits(
+                h_ptr, w_ptr, rows, tl.minimum(offs_k, V - 1).to(tl.int64), D, stride_hr, stride_wv, cap, temp,
+                BLOCK_M, BLOCK_K, BLOCK_D, PRECISION,
+            )  # fmt: skip
+            p = tl.exp(z.to(dtype).to(tl.float32) - mb[:, None]) / lb[:, None]
+            p = tl.where(k_ok[None, :], p, 0.0).to(dtype)
+        else:
+            p = tl.load(p_ptr + rows[:, None] * stride_pr + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+        w_tile = w_ptr + offs_k.to(tl.int64)[:, None] * stride_wv + offs_n[None, :]
+        w = tl.load(w_tile, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.dot(p, w, input_precision=PRECISION)
+    out = part_ptr + (split * R + rows)[:, None] * D + offs_n[None, :]
+    tl.store(out, acc, mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _soft_reduce_kernel(
+    part_ptr, keep_ptr,
+    R, D, C, S, scale,
+    stride_or,
+    out_ptr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    update = (rows < R) & (tl.load(keep_ptr + tl.minimum(rows, R - 1) // C) == 0)  # kept rows are not written
+    ok = update[:, None] & (offs < D)[None, :]
+    at = rows.to(tl.int64)[:, None] * D + offs[None, :]
+    acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    for s in range(0, S):  # a fixed order: the same sum on every run
+        acc += tl.load(part_ptr + s * R * D + at, mask=ok, other=0.0)
+    dtype = out_ptr.dtype.element_ty
+    soft = (acc.to(dtype).to(tl.float32) * scale).to(dtype)  # the matmul's output, then the scale, each rounded
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_or + offs[None, :], soft, mask=ok)
+
+
+def tile_config(device: torch.device) -> dict:
+    """Per-kernel tiles: small ones under the interpreter (its cost is per op, so not the smallest legal); on a GPU,
+    the largest tiles that compile for sm_90a without register spills, with the 16-byte alignment hints a real launch
+    gets (stats 188 registers, soft 168, 3-stage cp.async pipelines), never timed: no GPU has been available."""
+    if device.type != "cuda":
+        return dict(
+            stats=dict(BLOCK_M=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1),
+            soft=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, BLOCK_D=32, num_warps=4, num_stages=1),
+            combine=dict(BLOCK_R=16, BLOCK_V=128),
+            reduce=dict(BLOCK_R=16, BLOCK_N=64),
+        )
+    return dict(
+        stats=dict(BLOCK_M=128, BLOCK_V=64, BLOCK_D=64, num_warps=8, num_stages=3),
+        soft=dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, BLOCK_D=64, num_warps=8, num_stages=3),
+        combine=dict(BLOCK_R=4, BLOCK_V=1024, num_warps=4),
+        reduce=dict(BLOCK_R=8, BLOCK_N=256, num_warps=4),
+    )
+
+
+def _split(tiles: int, length: int, block: int, device: torch.device, splits: int | None) -> tuple[int, int]:
+    """(splits, split length) of a reduced dimension: about two programs per SM, every split non-empty."""
+    if splits is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        splits = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(length, block)))
+    split_len = triton.cdiv(triton.cdiv(length, splits), block) * block
+    return triton.cdiv(length, split_len), split_len
+
+
+def vocab_pass(
+    h, weight, temperature, tick, *, seed: int, cap: float, scale: float, soft=None, keep=None, stash: bool = True,
+    splits: int | None = None, config: dict | None = None,
+) -> VocabOut:  # fmt: skip
+    """h (R, D) final hidden states, weight (V, D) the tied embedding table, temperature (B,) fp32 for R = B*C rows
+    (row r has temperature[r // C]), tick (1,) int64 the step's random-number counter, on the device.
+
+    Writes the soft embedding into `soft` (R, D) when given, except for the rows of batch rows with keep (B,) set.
+    """
+    R, D = h.shape
+    V, B = weight.shape[0], temperature.numel()
+    if weight.shape[1] != D or h.dtype != weight.dtype or R % B:
+        raise ValueError(f"h {tuple(h.shape)} {h.dtype}, weight {tuple(weight.shape)} {weight.dtype}, B={B}")
+    if h.stride(-1) != 1 or weight.stride(-1) != 1 or temperature.dtype != torch.float32:
+        raise ValueError("h and weight need a contiguous last dim, temperature must be fp32")
+    if tick.shape != (1,) or tick.dtype != torch.int64:
+        raise ValueError(f"tick must be a (1,) int64 tensor, not {tuple(tick.shape)} {tick.dtype}")
+    if soft is None:
+        soft = torch.empty_like(h)
+    if soft.shape != (R, D) or soft.dtype != h.dtype or soft.stride(-1) != 1:
+        raise ValueError(f"soft must be ({R}, {D}) {h.dtype} with a contiguous last dim")
+    keep = torch.zeros(B, dtype=torch.bool, device=h.device) if keep is None else keep
+    if keep.shape != (B,) or keep.dtype != torch.bool:
+        raise ValueError(f"keep must be ({B},) bool")
+    cfg = config or tile_config(h.device)
+    precision = "ieee" if h.dtype == torch.float32 else "tf32"
+    C = R // B
+    st = dict(cfg["stats"])
+    row_tiles = triton.cdiv(R, st["BLOCK_M"])
+    S, split_len = _split(row_tiles, V, st["BLOCK_V"], h.device, splits)
+    z = torch.empty(R, V, device=h.device, dtype=h.dtype) if stash else h  # the stash, then the probabilities
+    part_f = torch.empty(5, S, R, device=h.device, dtype=torch.float32)
+    part_i = torch.empty(2, S, R, device=h.device, dtype=torch.int32)
+    _stats_kernel[(row_tiles, S)](
+        h, weight, temperature, tick,
+        R, V, D, C, seed, split_len, cap,
+        h.stride(0), weight.stride(0), z.stride(0),
+        z, part_f, part_i,
+        STASH=stash, PRECISION=precision, **st,
+    )  # fmt: skip
+    out = [torch.empty(R, device=h.device, dtype=dt) for dt in (torch.int64, torch.int64, torch.float32, torch.float32)]
+    norm = torch.empty(R, 2, device=h.device, dtype=torch.float32)
+    cb = dict(cfg["combine"])
+    row_blocks = triton.cdiv(R, cb["BLOCK_R"])
+    chunks, chunk = _split(row_blocks, V, cb["BLOCK_V"], h.device, None if stash else 1)
+    _combine_kernel[(row_blocks, chunks)](
+        part_f, part_i,
+        R, V, S, chunk,
+        z.stride(0),
+        z, *out, norm,
+        BLOCK_S=triton.next_power_of_2(S), STASH=stash, **cb,
+    )  # fmt: skip
+    sk = dict(cfg["soft"])
+    tiles = triton.cdiv(R, sk["BLOCK_M"]) * triton.cdiv(D, sk["BLOCK_N"])
+    S, split_len = _split(tiles, V, sk["BLOCK_K"], h.device, None)
+    part = torch.empty(S, R, D, device=h.device, dtype=torch.float32)
+    _soft_kernel[(triton.cdiv(R, sk["BLOCK_M"]), triton.cdiv(D, sk["BLOCK_N"]), S)](
+        z, h, weight, temperature, norm,
+        R, V, D, C, split_len, cap,
+        z.stride(0), h.stride(0), weight.stride(0),
+        part,
+        RECOMPUTE=not stash, PRECISION=precision, **sk,
+    )  # fmt: skip
+    rd = dict(cfg["reduce"])
+    _soft_reduce_kernel[(triton.cdiv(R, rd["BLOCK_R"]), triton.cdiv(D, rd["BLOCK_N"]))](
+        part, keep.view(torch.uint8), R, D, C, S, scale, soft.stride(0), soft, **rd
+    )
+    return VocabOut(*out, soft)

@@ -1,0 +1,287 @@
+"""Generation over exported graphs: `Pipeline.from_pretrained(checkpoint, backend="onnxruntime" | "tensorrt",
+engine=FOLDER)` runs the loop of pipeline.py unchanged over an `EngineModel`.
+
+EngineModel has the part of DiffusionGemma's interface that `generate_ids` uses (config, dtype, device, new_cache,
+encode, denoise, soft_embedding, logits). It keeps the same KVCache: each pass gathers the prefix K/V in position
+order from the ring and builds the boolean masks from the cache's band (so both window modes and left padding work),
+and the encoder's chunk K/V are written back into the ring. The soft embedding (and, for graphs exported with
+output="hidden", the LM head) run in torch on the checkpoint's embedding table, on the model's device.
+
+Backends: ONNX Runtime on the CPU (fp32 or fp16 exports; it has no bf16 kernels), and TensorRT engines on a CUDA
+device. TensorRTRunner is written for a GPU user and has never executed here: the project's GPU machines have no
+TensorRT and TensorRT-RTX does not support Hopper. Its construction-time checks (sidecar against checkpoint and the
+installed TensorRT, a CUDA device) are tested on the CPU.
+
+Legend: B batch, T chunk tokens (the canvas length C), P committed keys a layer type sees.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..export import sidecar
+from ..export.sidecar import DTYPES, GRAPHS, SHORT, ExportError
+from ..model.cache import KVCache
+from ..model.checkpoint import checkpoint_name, weight_files
+from ..model.config import FULL
+from ..model.model import DiffusionGemma
+
+ENGINE_BACKENDS = ("onnxruntime", "tensorrt")
+
+
+class EngineModel:
+    """The DiffusionGemma interface generate_ids uses, over a runner of the exported decoder and encoder graphs."""
+
+    soft_embedding = DiffusionGemma.soft_embedding  # the same torch math on the checkpoint's embedding table
+    logits = DiffusionGemma.logits
+
+    def __init__(self, runner, meta: dict, embedding: torch.Tensor, window: str, backend: str):
+        self.runner, self.meta, self.window, self.backend = runner, meta, window, backend
+        self.config = sidecar.config_of(meta)
+        self.embed_tokens = nn.Embedding.from_pretrained(embedding, freeze=True)
+        self.inputs = {graph: {e["name"] for e in meta["graphs"][graph]["inputs"]} for graph in GRAPHS}
+        self._prefix = None  # (cache, committed length, decoder feeds that hold for every step of a canvas)
+
+    @property
+    def dtype(self):
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self):
+        return self.embed_tokens.weight.device
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.config, batch, max_len, dtype=self.dtype, device=self.device, window=self.window)
+
+    def prefix_feeds(self, graph: str, cache: KVCache, chunk_valid: torch.Tensor, causal: bool) -> dict:
+        """Masks (B, 1, T, P + T), positions (T,) and past K/V (B, Hkv, P, d) for a chunk at cache.length."""
+        n, (B, T), W = cache.length, chunk_valid.shape, self.config.sliding_window
+        q = torch.arange(n, n + T, device=self.device)[:, None]
+        feeds, slots = {"positions": q[:, 0]}, {}
+        for kind in sorted(set(self.config.layer_types)):
+            P = n if kind == FULL else min(n, W - 1)
+            positions = torch.arange(n - P, n, device=self.device)
+            slots[kind] = positions % cache.slots_of[kind]
+            valid = cache.valid[kind][:, slots[kind]]
+            if P == 0:  # nothing committed yet: one masked slot, so no graph input is ever empty
+                positions, valid = positions.new_full((1,), -1), valid.new_zeros(B, 1)
+            keys, key_valid = torch.cat([positions, q[:, 0]]), torch.cat([valid, chunk_valid], dim=1)
+            a, lo, b, hi = cache.band(kind, causal)
+            seen = (keys >= a * q + lo) & (keys <= b * q + hi) & key_valid[:, None, :]  # (B, T, P + T)
+            # A padding query sees itself, so no row is all masked: engines differ there (ONNX Runtime returns zeros,
+            # model.py a uniform average, a -inf softmax NaN). Its output is never read: its keys stay masked.
+            feeds[f"mask_{SHORT[kind]}"] = (seen | (keys == q))[:, None]
+        for i, kind in enumerate(self.config.layer_types):
+            if f"past_key_{i}" not in self.inputs[graph]:  # the encoder's last layer takes no prefix
+                continue
+            for name, ring in (("key", cache.k[i]), ("value", cache.v[i])):
+                empty = ring.new_zeros(*ring.shape[:2], 1, ring.shape[3])  # the masked slot
+                feeds[f"past_{name}_{i}"] = ring[:, :, slots[kind]] if len(slots[kind]) else empty
+        return feeds
+
+    @torch.no_grad()
+    def encode(self, ids, cache: KVCache, attention_mask=None) -> None:
+        """Commits `ids` (B, T) chunk by chunk, each right-padded to the graph's static chunk length (causal
+        attention keeps the padding invisible); returns None: the graph outputs only K/V."""
+        C = cache.chunk
+        for start in range(0, ids.shape[1], C):
+            chunk = ids[:, start : start + C]
+            B, T = chunk.shape
+            valid = torch.ones_like(chunk, dtype=torch.bool)
+            if attention_mask is not None:
+                valid = attention_mask[:, start : start + C].bool()
+            padded_valid = torch.cat([valid, valid.new_ones(B, C - T)], dim=1)
+            feeds = self.prefix_feeds("encoder", cache, padded_valid, causal=True)
+            feeds["ids"] = torch.cat([chunk, chunk.new_zeros(B, C - T)], dim=1)
+            out = self.runner.run("encoder", feeds, set())
+            slots = cache.stage(T, valid)
+            for i, kind in enumerate(self.config.layer_types):
+                cache.k[i][:, :, slots[kind]] = out[f"key_{i}"][:, :, :T]
+                cache.v[i][:, :, slots[kind]] = out[f"value_{i}"][:, :, :T]
+            cache.commit(T)
+
+    def _decode(self, canvas_ids, cache: KVCache, soft):
+        reused = self._prefix is not None and self._prefix[0] is cache and self._prefix[1] == cache.length
+        if not reused:
+            valid = torch.ones_like(canvas_ids, dtype=torch.bool)
+            self._prefix = cache, cache.length, self.prefix_feeds("decoder", cache, valid, causal=False)
+        B, C = canvas_ids.shape
+        if soft is None:
+            soft = torch.zeros(B, C, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        feeds = self._prefix[2] | {"canvas_ids": canvas_ids, "soft": soft}
+        unchanged = set(self._prefix[2]) if reused else set()
+        return self.runner.run("decoder", feeds, unchanged)[self.meta["decoder_output"]]
+
+    @torch.no_grad()
+    def denoise(self, canvas_ids, cache: KVCache, self_conditioning=None):
+        """As DiffusionGemma.denoise -> fp32 soft-capped logits (B, C, V)."""
+        soft = None if self_conditioning is None else self.soft_embedding(self_conditioning)
+        out = self._decode(canvas_ids, cache, soft)
+        return out if self.meta["decoder_output"] == "logits" else self.logits(out)
+
+    @torch.no_grad()
+    def denoise_hidden(self, canvas_ids, cache: KVCache, soft=None):
+        """As DiffusionGemma.denoise_hidden -> (B, C, D), for graphs exported with output="hidden"."""
+        if self.meta["decoder_output"] != "hidden":
+            raise ValueError("this decoder graph outputs logits: export with --output hidden for the hidden states")
+        return self._decode(canvas_ids, cache, soft)
+
+
+class OnnxRuntimeRunner:
+    """The graphs in ONNX Runtime on the CPU: the verification backend (host tensors, so no device to stay on)."""
+
+    def __init__(self, folder: Path, meta: dict):
+        import onnxruntime
+
+        if meta["kind"] != "onnx":
+            raise ExportError(f"{folder} holds TensorRT engines: use backend='tensorrt', or pass an ONNX export")
+        if meta["dtype"] == "bf16":
+            raise ExportError("ONNX Runtime's CPU provider has no bf16 kernels: export with --dtype fp32 to run it")
+        options = onnxruntime.SessionOptions()
+        # Idle pool threads spin-wait by default, which takes the CPU from torch's sampler between passes.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        files = {graph: str(folder / meta["graphs"][graph]["file"]) for graph in GRAPHS}
+        self.sessions = {
+            graph: onnxruntime.InferenceSession(file, options, providers=["CPUExecutionProvider"])
+            for graph, file in files.items()
+        }
+
+    def run(self, graph: str, feeds: dict, unchanged: set) -> dict[str, torch.Tensor]:
+        session = self.sessions[graph]
+        out = session.run(None, {name: t.contiguous().numpy() for name, t in feeds.items()})
+        return {o.name: torch.from_numpy(a) for o, a in zip(session.get_outputs(), out, strict=True)}
+
+
+def load_tensorrt(meta: dict, folder: Path):
+    """The TensorRT module that built the engines, refusing an ONNX folder or another package or version."""
+    if meta["kind"] != "engine":
+        raise ExportError(f"{folder} holds ONNX graphs: build engines with `dgemma export trt`, or use onnxruntime")
+    package, version = meta["engine"]["package"], meta["engine"]["version"]
+    try:
+        trt = importlib.import_module(package)
+    except ImportError as e:
+        raise ExportError(f"the engines in {folder} were built with {package} {version}, which is not installed") from e
+    if trt.__version__ != version:
+        raise ExportError(
+            f"the engines in {folder} were built with {package} {version} but {trt.__version__} is installed: "
+            "engines do not carry across TensorRT versions; rebuild them with `dgemma export trt`"
+        )
+    return trt
+
+
+class TensorRTRunner:
+    """The engines on a CUDA device, without host syncs: every input and output has one buffer, allocated once at
+    the profile's largest shape and bound by address; passes run with execute_async_v3 on a side stream; each
+    decoder input shape (one per committed length) gets one CUDA graph, captured at its first step and replayed
+    after. The prefix K/V and masks are copied once per canvas. Outputs are views of the buffers, valid until the
+    next call. Untested: it needs TensorRT on a GPU."""
+
+    def __init__(self, folder: Path, meta: dict, device):
+        trt = load_tensorrt(meta, folder)
+        self.device = torch.device(device)
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            raise ExportError(f"TensorRT engines run on a CUDA device, not {device!r}")
+        self.trt, self.stream = trt, torch.cuda.Stream(self.device)
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engines, self.contexts, self.buffers = {}, {}, {}
+        for graph in GRAPHS:
+            engine = runtime.deserialize_cuda_engine((folder / meta["engine"]["files"][graph]).read_bytes())
+            if engine is None:
+                raise ExportError(f"{trt.__name__} could not load {graph}.engine on this GPU (its log says why)")
+            self.engines[graph], self.contexts[graph] = engine, engine.create_execution_context()
+            self.buffers[graph] = self._allocate(graph)
+        self.bound, self.cuda_graphs = {}, {}  # graph -> (shape key, buffer views); shape key -> CUDA graph
+
+    def _allocate(self, graph: str) -> dict[str, torch.Tensor]:
+        """One flat buffer per tensor, sized by the largest shape the profile allows."""
+        engine, context = self.engines[graph], self.contexts[graph]
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
+        for name in inputs:
+            shape = tuple(engine.get_tensor_shape(name))
+            context.set_input_shape(name, engine.get_tensor_profile_shape(name, 0)[2] if -1 in shape else shape)
+        dtypes = {self.trt.float32: torch.float32, self.trt.float16: torch.float16, self.trt.bfloat16: torch.bfloat16}
+        dtypes |= {self.trt.int64: torch.int64, self.trt.int32: torch.int32, self.trt.bool: torch.bool}
+        sizes = {name: torch.Size(tuple(context.get_tensor_shape(name))).numel() for name in names}
+        return {
+            name: torch.empty(size, dtype=dtypes[engine.get_tensor_dtype(name)], device=self.device)
+            for name, size in sizes.items()
+        }
+
+    def _bind(self, graph: str, feeds: dict) -> dict[str, torch.Tensor]:
+        """Sets the input shapes and addresses (the same base address for every shape) -> output views."""
+        context, buffers = self.contexts[graph], self.buffers[graph]
+        for name, t in feeds.items():
+            if not context.set_input_shape(name, tuple(t.shape)):
+                raise ValueError(
+                    f"{name} {tuple(t.shape)} is outside the {graph} engine's profile: the batch or the committed "
+                    "length exceeds what the export allowed (dims in dgemma.json; --max-batch, --max-prompt)"
+                )
+        views = {}
+        for name, buffer in buffers.items():
+            shape = tuple(feeds[name].shape) if name in feeds else tuple(context.get_tensor_shape(name))
+            views[name] = buffer[: torch.Size(shape).numel()].view(shape)
+            context.set_tensor_address(name, views[name].data_ptr())
+        return views
+
+    def run(self, graph: str, feeds: dict, unchanged: set) -> dict[str, torch.Tensor]:
+        """`unchanged` names feeds whose values the last call of this graph already copied (a canvas's prefix)."""
+        context, stream = self.contexts[graph], self.stream
+        key = (graph, tuple((name, tuple(t.shape)) for name, t in sorted(feeds.items())))
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            if self.bound.get(graph, (None,))[0] != key:
+                self.bound[graph], unchanged = (key, self._bind(graph, feeds)), set()
+            views = self.bound[graph][1]
+            for name in feeds.keys() - unchanged:
+                views[name].copy_(feeds[name], non_blocking=True)
+            if graph == "decoder":
+                self._replay(key, context)
+            else:
+                context.execute_async_v3(stream.cuda_stream)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        return {name: v for name, v in views.items() if name not in feeds}
+
+    def _replay(self, key, context):
+        if not context.is_stream_capturable(self.stream.cuda_stream):  # e.g. an RTX engine built without
+            context.execute_async_v3(self.stream.cuda_stream)  # REQUIRE_USER_ALLOCATION
+            return
+        if key not in self.cuda_graphs:
+            context.execute_async_v3(self.stream.cuda_stream)  # warm-up: lazy allocations, RTX's JIT kernels
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                context.execute_async_v3(self.stream.cuda_stream)
+            self.cuda_graphs[key] = graph
+        self.cuda_graphs[key].replay()
+
+
+def read_embedding(checkpoint, dtype: torch.dtype, device) -> torch.Tensor:
+    """The tied embedding table, the only weight the runtime needs outside the graphs (read memory-mapped)."""
+    from safetensors import safe_open
+
+    name = checkpoint_name("embed_tokens.weight")
+    with safe_open(weight_files(Path(checkpoint))[name], framework="pt") as f:
+        return f.get_tensor(name).float().to(device=device, dtype=dtype)
+
+
+def load(checkpoint, engine, *, backend: str, device="cpu", window: str | None = None) -> EngineModel:
+    """An EngineModel over the export or engine folder `engine`, checked against `checkpoint`."""
+    if backend not in ENGINE_BACKENDS:
+        raise ValueError(f"engine backend must be one of {ENGINE_BACKENDS}, not {backend!r}")
+    if engine is None:
+        raise ValueError(f"backend={backend!r} needs engine=FOLDER, written by `dgemma export onnx` or `export trt`")
+    folder = Path(engine)
+    meta = sidecar.read(folder)
+    sidecar.check_checkpoint(meta, checkpoint)
+    if backend == "onnxruntime":
+        if torch.device(device).type != "cpu":
+            raise ValueError("the onnxruntime backend runs on the CPU; on a GPU use backend='tensorrt'")
+        runner = OnnxRuntimeRunner(folder, meta)
+    else:
+        runner = TensorRTRunner(folder, meta, device)
+    embedding = read_embedding(checkpoint, DTYPES[meta["dtype"]], device)
+    return EngineModel(runner, meta, embedding, window or meta["window"], backend)

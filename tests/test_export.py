@@ -1,0 +1,285 @@
+"""Export to ONNX and TensorRT engines, and generation over them, on tiny checkpoints (CPU).
+
+ONNX Runtime runs the fp32 graphs against the torch model; TensorRT-RTX parses and builds the bf16 graphs on the
+CPU. Engine execution needs TensorRT on a GPU and is not tested here: only its construction-time checks are.
+"""
+
+import importlib.util
+from collections import Counter
+from dataclasses import asdict
+
+import onnx
+import pytest
+import torch
+
+from dgemma import DiffusionGemma, Pipeline
+from dgemma.export import sidecar
+from dgemma.export.engine import build_engines
+from dgemma.export.onnx import export_onnx
+from dgemma.export.sidecar import GRAPHS, ExportError
+from dgemma.model.cache import WINDOW_MODES
+from dgemma.model.checkpoint import CheckpointError, read_config
+from dgemma.model.config import FULL, Config
+from dgemma.runtime.cli import main
+from dgemma.runtime.engine import load
+
+from oracle import CONFIGS, build_checkpoint
+
+HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None and importlib.util.find_spec("tensorrt") is None
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # inside torch.export, at 2.13
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_checkpoint, tmp_path_factory):
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("export") / "fp32", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def bf16(tiny_checkpoint, tmp_path_factory):
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("export") / "bf16", dtype="bf16")
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory):
+    """The other tiny config (window 5 < canvas 6, a full layer first), exported with the custom MoE node and the
+    hidden-state output: (checkpoint, export)."""
+    path = tmp_path_factory.mktemp("odd")
+    build_checkpoint(path / "ckpt", CONFIGS["odd"], seed=3)
+    out = export_onnx(
+        path / "ckpt", path / "export", dtype="fp32", output="hidden", custom_ops=True, window="per_token"
+    )
+    return path / "ckpt", out
+
+
+@pytest.fixture(scope="module")
+def engines(bf16, tmp_path_factory):
+    """TensorRT-RTX engines of the bf16 export, built through the command line."""
+    if not HAS_RTX:
+        pytest.skip("needs tensorrt_rtx (and no full TensorRT, which would build on a GPU instead)")
+    out = tmp_path_factory.mktemp("engines") / "rtx"
+    assert main(["export", "trt", "--onnx", str(bf16), "--out", str(out)]) == 0
+    return out
+
+
+def nodes(path):
+    return onnx.load(path, load_external_data=False).graph.node
+
+
+def test_graphs_are_opset_23_without_sequence_ops(fp32, tiny_checkpoint):
+    layers = read_config(tiny_checkpoint).num_hidden_layers
+    for graph, attending in (("decoder", layers), ("encoder", layers - 1)):  # the encoder's last layer stops at K/V
+        path = fp32 / f"{graph}.onnx"
+        onnx.checker.check_model(path)
+        model = onnx.shape_inference.infer_shapes(onnx.load(path, load_external_data=False))
+        assert [(o.domain, o.version) for o in model.opset_import] == [("", 23)]
+        ops = Counter(n.op_type for n in model.graph.node)
+        assert not [op for op in ops if "Sequence" in op or op in ("Loop", "If", "Scan", "NonZero")]
+        assert ops["RMSNormalization"] and ops["RotaryEmbedding"] and ops["Gelu"]
+        attention = [n for n in model.graph.node if n.op_type == "Attention"]
+        assert len(attention) == attending and all(len(n.output) == 1 for n in attention)
+        types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
+        topk = [n for n in model.graph.node if n.op_type == "TopK"]
+        assert len(topk) == attending and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in topk)
+        external = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+        assert "model.embed_tokens.weight" in external and (fp32 / f"{graph}.onnx.data").stat().st_size > 0
+
+
+def test_sidecar_describes_the_graphs(fp32, tiny_checkpoint):
+    meta = sidecar.read(fp32)
+    config = read_config(tiny_checkpoint)
+    assert meta["config"] == asdict(config) and meta["checkpoint"]["fingerprint"] == sidecar.fingerprint(
+        tiny_checkpoint
+    )
+    assert (meta["kind"], meta["dtype"], meta["decoder_output"], meta["window"]) == ("onnx", "fp32", "logits", "shared")
+    W, C = config.sliding_window, config.canvas_length
+    assert meta["dims"] == {
+        "batch": {"min": 1, "max": 1},
+        "past_full": {"min": 1, "max": config.max_position_embeddings},
+        "past_sliding": {"min": 1, "max": W - 1},
+    }
+    for graph in GRAPHS:
+        model = onnx.load(fp32 / meta["graphs"][graph]["file"], load_external_data=False)
+        assert [e["name"] for e in meta["graphs"][graph]["inputs"]] == [v.name for v in model.graph.input]
+    inputs = {e["name"]: e for e in meta["graphs"]["decoder"]["inputs"]}
+    assert inputs["mask_full"] == {"name": "mask_full", "dtype": "bool", "shape": ["batch", 1, C, f"past_full + {C}"]}
+    assert inputs["past_key_0"]["shape"] == ["batch", config.num_key_value_heads, "past_sliding", config.head_dim]
+    assert meta["graphs"]["decoder"]["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["batch", C, 256]}]
+
+
+def committed(cache, layer: int, kind: str):
+    """The committed K and V an engine pass reads for one layer (position order) and their validity."""
+    n = cache.length
+    kept = n if kind == FULL else min(n, cache.config.sliding_window - 1)
+    slots = torch.arange(n - kept, n) % cache.slots_of[kind]
+    valid = cache.valid[kind][:, slots][:, None, :, None]
+    return cache.k[layer][:, :, slots] * valid, cache.v[layer][:, :, slots] * valid
+
+
+def assert_same_pass(ref, ours, caches, canvas, sc):
+    """Encoder K/V of every layer within 1e-5; decoder outputs within 1e-5 of their largest magnitude."""
+    for i, kind in enumerate(ref.config.layer_types):
+        for a, b in zip(committed(caches[1], i, kind), committed(caches[0], i, kind), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for soft in (None, sc):
+        want = ref.denoise(canvas, caches[0], soft)
+        torch.testing.assert_close(ours.denoise(canvas, caches[1], soft), want, atol=1e-5 * want.abs().max(), rtol=0)
+
+
+@pytest.mark.parametrize("window", WINDOW_MODES)
+@pytest.mark.parametrize("prompt", [3, 13])  # committed 3 and 11, then 13 and 21: inside and past the window of 8
+def test_onnxruntime_matches_the_model(tiny_checkpoint, fp32, window, prompt):
+    ref = DiffusionGemma.from_pretrained(tiny_checkpoint, dtype=torch.float32, window=window)
+    ours = load(tiny_checkpoint, fp32, backend="onnxruntime", window=window)
+    C = ref.config.canvas_length
+    ids, canvas, sc = torch.randint(3, 256, (2, prompt)), torch.randint(0, 256, (2, C)), 3 * torch.randn(2, C, 256)
+    mask = torch.ones(2, prompt, dtype=torch.bool)
+    mask[1, :2] = False  # left padding
+    caches = [model.new_cache(2, prompt + 2 * C) for model in (ref, ours)]
+    for chunk, valid in ((ids, mask), (canvas, None)):  # the prompt, then a committed canvas
+        for model, cache in zip((ref, ours), caches, strict=True):
+            model.encode(chunk, cache, valid)
+        assert_same_pass(ref, ours, caches, canvas, sc)
+
+
+def test_custom_moe_node_runs_its_function_body(odd):
+    checkpoint, export = odd
+    config = read_config(checkpoint)
+    for graph in GRAPHS:
+        model = onnx.load(export / f"{graph}.onnx", load_external_data=False)
+        moe = [n for n in model.graph.node if n.domain == "dgemma"]
+        assert {n.op_type for n in moe} == {"MoE"} and len(moe) == config.num_hidden_layers - (graph == "encoder")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in moe[0].attribute}
+        assert attrs == {"plugin_namespace": b"dgemma", "plugin_version": b"1", "aot": 1}
+        assert [(f.domain, f.name) for f in model.functions] == [("dgemma", "MoE")]
+        assert ("dgemma", 1) in [(o.domain, o.version) for o in model.opset_import]
+        assert "TopK" in {n.op_type for n in model.graph.node}  # the router stays standard
+    ref = DiffusionGemma.from_pretrained(checkpoint, dtype=torch.float32, window="per_token")
+    ours = load(checkpoint, export, backend="onnxruntime")
+    assert ours.window == "per_token"  # the sidecar's, when not given
+    C = config.canvas_length
+    ids, canvas, sc = torch.randint(3, 256, (1, 13)), torch.randint(0, 256, (1, C)), 3 * torch.randn(1, C, 256)
+    caches = [model.new_cache(1, 13 + C) for model in (ref, ours)]
+    for model, cache in zip((ref, ours), caches, strict=True):
+        model.encode(ids, cache)
+    assert_same_pass(ref, ours, caches, canvas, sc)
+    want = ref.denoise_hidden(canvas, caches[0])
+    torch.testing.assert_close(ours.denoise_hidden(canvas, caches[1]), want, atol=1e-5 * want.abs().max(), rtol=0)
+
+
+@pytest.mark.parametrize("reference", [False, True])  # SeededDraws, then transformers' draws on the global RNG
+def test_generate_over_onnxruntime_equals_torch(tiny_checkpoint, fp32, reference):
+    runs = []
+    for kwargs in ({"dtype": torch.float32}, {"backend": "onnxruntime", "engine": fp32}):
+        pipe = Pipeline.from_pretrained(tiny_checkpoint, **kwargs)
+        torch.manual_seed(0)
+        out = pipe.generate(
+            ["Why is the sky blue?", "Hi"], reference=reference, seed=5, max_new_tokens=24, max_denoising_steps=6,
+            stop_ids=[],
+        )  # fmt: skip
+        runs.append((out.sequences, out.stats.steps_per_canvas))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+
+
+@pytest.mark.skipif(not HAS_RTX, reason="needs tensorrt_rtx, which builds on a CPU")
+def test_tensorrt_rtx_builds_both_bf16_graphs(engines, bf16):
+    import tensorrt_rtx
+
+    meta = sidecar.read(engines)
+    assert meta["kind"] == "engine" and meta["dtype"] == "bf16"
+    assert (meta["engine"]["package"], meta["engine"]["version"]) == ("tensorrt_rtx", tensorrt_rtx.__version__)
+    for graph in GRAPHS:
+        assert (engines / meta["engine"]["files"][graph]).stat().st_size > 0
+    lo, opt, hi = meta["engine"]["profiles"]["decoder"]["mask_full"]
+    C = meta["config"]["canvas_length"]
+    assert (lo[3], opt[3], hi[3]) == (1 + C, 256 + C, 512 + C)  # past_full from 1 to max_prompt, tuned for half
+    assert meta["engine"]["profiles"]["encoder"]["past_key_0"][2][2] == meta["config"]["sliding_window"] - 1
+
+
+def retarget(folder, tmp_path, edit):
+    """A copy of an export's sidecar alone, edited: the checks below refuse it before opening any graph."""
+    meta = sidecar.read(folder)
+    edit(meta)
+    out = tmp_path / f"edited{len(list(tmp_path.iterdir()))}"
+    out.mkdir()
+    sidecar.write(out, meta)
+    return out
+
+
+def test_engine_backends_refuse_mismatches(tiny_checkpoint, fp32, bf16, odd, tmp_path):
+    other = tmp_path / "other"
+    build_checkpoint(other, Config.tiny(), seed=7)
+    cases = [
+        (other, fp32, "onnxruntime", "other weights"),
+        (odd[0], fp32, "onnxruntime", "another config"),
+        (tiny_checkpoint, bf16, "onnxruntime", "no bf16 kernels"),
+        (tiny_checkpoint, fp32, "tensorrt", "build engines with `dgemma export trt`"),
+        (tiny_checkpoint, None, "tensorrt", "needs engine="),
+        (tiny_checkpoint, tmp_path, "onnxruntime", "not a folder written by `dgemma export`"),
+        (tiny_checkpoint, retarget(fp32, tmp_path, lambda m: m.update(format=0)), "onnxruntime", "re-export"),
+    ]
+    for checkpoint, folder, backend, message in cases:
+        with pytest.raises(ValueError, match=message):
+            Pipeline.from_pretrained(checkpoint, backend=backend, engine=folder)
+
+
+@pytest.mark.skipif(not HAS_RTX or torch.cuda.is_available(), reason="a CPU machine with tensorrt_rtx")
+def test_tensorrt_backend_checks_the_engines_before_the_device(tiny_checkpoint, engines, tmp_path):
+    def version(meta):
+        meta["engine"]["version"] = "0.0"
+
+    def package(meta):
+        meta["engine"]["package"] = "tensorrt_nonexistent"
+
+    for edit, message in ((version, "built with tensorrt_rtx 0.0 but"), (package, "which is not installed")):
+        with pytest.raises(ExportError, match=message):
+            Pipeline.from_pretrained(tiny_checkpoint, backend="tensorrt", engine=retarget(engines, tmp_path, edit))
+    with pytest.raises(ExportError, match="holds TensorRT engines"):
+        Pipeline.from_pretrained(tiny_checkpoint, backend="onnxruntime", engine=engines)
+    with pytest.raises(ExportError, match="CUDA device"):  # every check passed: only the GPU is missing
+        Pipeline.from_pretrained(tiny_checkpoint, backend="tensorrt", engine=engines)
+
+
+def test_bad_input_leaves_no_output(tiny_checkpoint, fp32, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "taken").mkdir()
+    (work / "taken" / "file").write_text("")
+    with pytest.raises(CheckpointError, match="config.json"):
+        export_onnx(tmp_path / "missing", work / "out")
+    with pytest.raises(ExportError, match="dtype"):
+        export_onnx(tiny_checkpoint, work / "out", dtype="int8")
+    with pytest.raises(ExportError, match="not empty"):
+        export_onnx(tiny_checkpoint, work / "taken")
+    with pytest.raises(ExportError, match="not a folder written by `dgemma export`"):
+        build_engines(tmp_path / "missing", work / "out")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("tracing failed")
+
+    monkeypatch.setattr("dgemma.export.onnx.trace", fail)
+    with pytest.raises(RuntimeError, match="tracing failed"):  # a failure half-way removes what it wrote
+        export_onnx(tiny_checkpoint, work / "out")
+    assert main(["export", "onnx", "--model", str(tmp_path / "missing"), "--out", str(work / "out")]) == 2
+    assert "config.json" in capsys.readouterr().out.replace("\n", "")  # the console wraps long paths
+    assert [p.name for p in work.iterdir()] == ["taken"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("polygraphy") is None, reason="needs polygraphy")
+def test_polygraphy_goldens_for_the_engine_comparison(tiny_checkpoint, fp32, tmp_path):
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import load_json
+
+    from dgemma.export.goldens import save_goldens
+
+    out = save_goldens(tiny_checkpoint, fp32, tmp_path / "goldens", dtype="bf16")
+    (inputs,) = load_json(out / "inputs.json")
+    meta = sidecar.read(fp32)
+    assert list(inputs) == [e["name"] for e in meta["graphs"]["decoder"]["inputs"]]
+    assert (
+        inputs["soft"].dtype == inputs["past_key_0"].dtype == torch.bfloat16 and inputs["mask_full"].dtype == torch.bool
+    )
+    ((runner, (iteration,)),) = RunResults.load(str(out / "golden.json"))
+    assert runner.startswith("onnxrt") and iteration["logits"].shape == (1, 8, 256)
+    script = (out / "compare.sh").read_text()
+    assert 'polygraphy run "$1/decoder.engine" --model-type engine --trt --atol' in script
+    assert "--load-inputs" in script and "--load-outputs" in script

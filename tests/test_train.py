@@ -1,0 +1,110 @@
+"""The training objective (sampler.md section 5) and loop, on a tiny Sudoku model."""
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dgemma import DiffusionGemma
+from dgemma.model.checkpoint import load_model
+from dgemma.runtime import sudoku
+from dgemma.runtime.train import Puzzles, Recipe, corrupt, init_weights, losses, save_checkpoint, train
+
+TINY = dict(size=4, batch=16, hidden=32, warmup=5, lr=3e-3)  # about 20 ms a step
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny steps: a second OpenMP thread only adds synchronization, and stalls when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_corruption_redraws_a_fraction_t_uniformly_over_the_vocabulary():
+    V, C = 14, 50_000
+    t = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0])
+    canvas = torch.randint(0, V, (len(t), C))
+    noisy, redrawn = corrupt(canvas, t, V, torch.Generator().manual_seed(0))
+    assert torch.equal(noisy[~redrawn], canvas[~redrawn])  # untouched positions keep the clean token
+    torch.testing.assert_close(redrawn.float().mean(-1), t, atol=0.01, rtol=0)  # 4.5 sd at t = 0.5
+    # A redraw lands on the clean token 1/V of the time, so the visible change rate is t (1 - 1/V).
+    torch.testing.assert_close((noisy != canvas).float().mean(-1), t * (1 - 1 / V), atol=0.01, rtol=0)
+    counts = torch.bincount(noisy[redrawn], minlength=V).float()  # redraws are uniform, specials included
+    expected = redrawn.sum() / V
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert len(counts) == V and chi2 < 40  # 13 degrees of freedom: p < 1e-3 above 35
+
+
+def test_gradients_reach_the_prompt_through_the_cache():
+    """The diffusion loss alone trains the encoder: its prompt K/V carry gradients back to the prompt embeddings."""
+    recipe = Recipe(**TINY)
+    model = init_weights(DiffusionGemma(recipe.model_config()), seed=0)
+    prompt, canvas = Puzzles(recipe).batch(4)
+    embedded, embed = [], model.embed
+
+    def capture(ids):
+        embedded.append(embed(ids))
+        if embedded[-1].requires_grad:  # not in the first, gradient-free self-conditioning pass
+            embedded[-1].retain_grad()
+        return embedded[-1]
+
+    model.embed = capture
+    parts = losses(model, prompt, canvas, recipe, torch.Generator().manual_seed(0))
+    assert set(parts) == {"diffusion"}
+    parts["diffusion"].backward()
+    assert embedded[0].shape[1] == recipe.model_config().canvas_length  # the prompt's first chunk
+    assert embedded[0].grad.abs().sum(-1).gt(0).all()  # every prompt position of every row
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert missing == []
+
+
+def test_ar_objective_is_the_encoders_next_token_loss():
+    recipe = Recipe(objective="ar", **TINY)
+    model = init_weights(DiffusionGemma(recipe.model_config()), seed=0)
+    prompt, canvas = Puzzles(recipe).batch(3)
+    parts = losses(model, prompt, canvas, recipe, torch.Generator())
+    with torch.no_grad():  # the same loss from the inference path: encode prompt + answer, read the logits
+        h = model.encode(torch.cat([prompt, canvas], 1), model.new_cache(3, prompt.shape[1] + canvas.shape[1]))
+        logits = model.logits(h[:, prompt.shape[1] - 1 : -1])
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), canvas.flatten())
+    assert set(parts) == {"lm"}
+    torch.testing.assert_close(parts["lm"], expected)
+
+
+@pytest.mark.parametrize("objective", ["diffusion", "ar"])
+def test_a_few_steps_reduce_the_loss(objective, tmp_path):
+    recipe = Recipe(objective=objective, steps=60, **TINY)
+    fixed = Puzzles(Recipe(**(TINY | {"seed": 99}))).batch(64)
+
+    def loss(model):
+        with torch.no_grad():
+            return sum(losses(model, *fixed, recipe, torch.Generator().manual_seed(0)).values()).item()
+
+    before = loss(init_weights(DiffusionGemma(recipe.model_config()), seed=0))
+    model, _ = train(recipe, tmp_path, log=lambda _: None)
+    assert loss(model) < 0.8 * before
+
+
+def test_resuming_continues_the_same_run(tmp_path):
+    straight, _ = train(Recipe(steps=12, **TINY), tmp_path / "straight", log=lambda _: None)
+    train(Recipe(steps=6, **TINY), tmp_path / "split", save_every=6, log=lambda _: None)
+    resumed, _ = train(Recipe(steps=12, **TINY), tmp_path / "split2", resume=tmp_path / "split", log=lambda _: None)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_checkpoint_round_trips_through_the_loader(tmp_path):
+    recipe = Recipe(**TINY)
+    model = init_weights(DiffusionGemma(recipe.model_config()), seed=3)
+    save_checkpoint(model, tmp_path, recipe.generation_config())
+    loaded = load_model(tmp_path, dtype=torch.float32)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:  # official names, as in the released checkpoint
+        assert "model.decoder.embed_tokens.weight" in f.keys()
+        assert "model.encoder.language_model.layers.0.layer_scalar" in f.keys()
+    prompt = torch.tensor([sudoku.prompt_ids([0] * 16)])
+    cache = loaded.new_cache(1, 40)
+    loaded.encode(prompt, cache)
+    assert loaded.denoise(torch.zeros(1, 17, dtype=torch.long), cache).shape == (1, 17, sudoku.VOCAB_SIZE)
