@@ -37,7 +37,7 @@ class Recipe:
     size: int = 4
     blanks: tuple[int, int] | None = None  # per puzzle, uniform in [lo, hi]; None: sudoku.BLANKS[size]
     objective: str = "diffusion"  # or "ar": the autoregressive baseline
-    lm_weight: float = 0.0  # encoder LM loss weight; 1 cut a 0.2M model's 4x4 solve rate from 52-83% to 21%
+    lm_weight: float = 0.0  # encoder LM loss weight; 1 cut a 0.2M model's 4x4 solve rate from 52-83% to 21% (sudoku.md)
     self_conditioning: float = 0.5  # probability per example of feeding the first pass's logits to the second
     eps: float = 1e-3  # t ~ U(eps, 1)
     steps: int = 4000
@@ -50,11 +50,12 @@ class Recipe:
     experts: int = 4
     top_k: int = 2
     seed: int = 0
-    denoising_steps: int = 16  # generation_config.json's max_denoising_steps (the sampler's other defaults stay)
+    denoising_steps: int = 16  # max_denoising_steps of the generation_config.json the checkpoint ships
 
     def model_config(self) -> Config:
-        """Config.tiny's shapes at width `hidden`; the sliding window covers the whole prompt and canvas."""
-        n, C = self.size, self.size**2 + 1
+        """Config.tiny's proportions scaled to width `hidden` (at 64 exactly Config.tiny's shapes): 16-wide heads;
+        the sliding window covers the whole prompt and canvas, so only the RoPE differs between the layer types."""
+        n, C, H = self.size, self.size**2 + 1, self.hidden // 16
         return Config.tiny(
             vocab_size=sudoku.VOCAB_SIZE,
             hidden_size=self.hidden,
@@ -62,6 +63,9 @@ class Recipe:
             moe_intermediate_size=self.hidden // 2,
             num_hidden_layers=self.layers,
             layer_types=[SLIDING] * (self.layers - 1) + [FULL],
+            num_attention_heads=H,
+            num_key_value_heads=max(1, H // 2),
+            num_global_key_value_heads=max(1, H // 4),
             num_experts=self.experts,
             top_k_experts=self.top_k,
             sliding_window=2 * C + 1,
