@@ -29,7 +29,7 @@ from dgemma.model.config import FULL, SLIDING, Config
 from dgemma.model.model import apply_rope, rms_norm, rope_inv_freq
 from dgemma.model.model import attention as attention_ref
 
-from harness import RESULTS, append_rows, copy_gbps, matmul_tflops, provenance, timed
+from harness import RESULTS, append_rows, copy_gbps, matmul_tflops, provenance, result_row, timed
 
 SDPA_BACKENDS = [
     SDPBackend.FLASH_ATTENTION,
@@ -147,17 +147,16 @@ def main(argv=None):
                 except Exception as e:  # noqa: BLE001 - out of shared memory or registers for this tile
                     console.print(f"[dim]skip {tiles}: {type(e).__name__}")
         sdpa_best = min((t[0] for name, t in times.items() if name.startswith("sdpa")), default=float("nan"))
-        for name, (p50, p20, p80) in times.items():
+        for name, timing in times.items():
+            p50 = timing[0]
             tflops = flops / p50 / 1e9
             note = f"max abs err vs fp32 {errors.get(name, float('nan')):.2e}"
             if name == "ours":
                 note += f"; tiles {tile_config(d, dtype, device)}"
             rows.append(
-                dict(
+                result_row(
                     meta, op=op, provider=name, shape=shape, dtype=str(dtype).removeprefix("torch."),
-                    p50_ms=f"{p50:.4f}", p20_ms=f"{p20:.4f}", p80_ms=f"{p80:.4f}", unit="TFLOP/s",
-                    value=f"{tflops:.1f}", ceiling=f"{ceiling:.1f}", pct_of_ceiling=f"{100 * tflops / ceiling:.1f}",
-                    note=note,
+                    times=timing, unit="TFLOP/s", value=tflops, ceiling=ceiling, note=note,
                 )
             )  # fmt: skip
             if not name.startswith("ours["):
@@ -193,17 +192,15 @@ def prologue_rows(config, dtype, device, bandwidth, meta, rows, table):
 
         moved = 2 * x.numel() * x.element_size()  # read every raw vector once, write it once
         for name, fn in (("ours", ours), ("reference", reference)):
-            p50, p20, p80 = timed(fn, device)
-            gbps = moved / p50 / 1e6
+            times = timed(fn, device)
+            gbps = moved / times[0] / 1e6
             rows.append(
-                dict(
+                result_row(
                     meta, op=f"norm_rope-{kind}", provider=name, shape=f"B1 T{T} H{H}+2x{Hkv} d{d}",
-                    dtype=str(dtype).removeprefix("torch."), p50_ms=f"{p50:.4f}", p20_ms=f"{p20:.4f}",
-                    p80_ms=f"{p80:.4f}", unit="GB/s", value=f"{gbps:.1f}", ceiling=f"{bandwidth:.1f}",
-                    pct_of_ceiling=f"{100 * gbps / bandwidth:.1f}", note="",
+                    dtype=str(dtype).removeprefix("torch."), times=times, unit="GB/s", value=gbps, ceiling=bandwidth,
                 )
             )  # fmt: skip
-            table.add_row(f"norm_rope-{kind}", "-", name, f"{p50:.3f}", f"{gbps:.0f} GB/s", "", "")
+            table.add_row(f"norm_rope-{kind}", "-", name, f"{times[0]:.3f}", f"{gbps:.0f} GB/s", "", "")
 
 
 if __name__ == "__main__":

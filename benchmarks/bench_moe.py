@@ -29,7 +29,7 @@ from dgemma.model.config import Config
 from dgemma.model.model import Experts
 from dgemma.model.model import moe as moe_ref
 
-from harness import RESULTS, append_rows, copy_gbps, provenance, timed
+from harness import RESULTS, append_rows, copy_gbps, provenance, result_row, timed
 
 
 def transformers_experts(gate_up, down, config: Config):
@@ -128,14 +128,9 @@ def main(argv=None):
     table = Table("banks", "T", "provider", "ms", "experts hit", "GB/s", "% copy", "max err", "route+align % GEMM")
 
     def row(op, provider, shape, banks, times, unit, value, ceiling, note):
-        p50, p20, p80 = times
-        rows.append(
-            dict(
-                meta, op=op, provider=provider, shape=shape, dtype=f"{banks} banks, {act} activations",
-                p50_ms=f"{p50:.4f}", p20_ms=f"{p20:.4f}", p80_ms=f"{p80:.4f}", unit=unit, value=f"{value:.1f}",
-                ceiling=f"{ceiling:.1f}", pct_of_ceiling=f"{100 * value / ceiling:.1f}", note=note,
-            )
-        )  # fmt: skip
+        dtype = f"{banks} banks, {act} activations"
+        rows.append(result_row(meta, op=op, provider=provider, shape=shape, dtype=dtype, times=times, unit=unit,
+                               value=value, ceiling=ceiling, note=note))  # fmt: skip
 
     for T, fp8 in itertools.product(args.tokens, (False, True)):
         router, moe_args, truth = setup(config, T, fp8, dtype, device)

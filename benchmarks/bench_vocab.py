@@ -30,7 +30,7 @@ from dgemma.kernels.vocab import vocab_pass, vocab_ref
 from dgemma.model.config import Config
 from dgemma.runtime.sampler import SamplingConfig, SeededDraws, entropy, temperature
 
-from harness import RESULTS, append_rows, copy_gbps, provenance, timed
+from harness import RESULTS, append_rows, copy_gbps, provenance, result_row, timed
 
 
 def reference_step(h, weight, T, cap: float, scale: float, draws: SeededDraws):
@@ -122,7 +122,8 @@ def main(argv=None):
                 (out[4].double() - soft_true).abs().max().item(),
             ]
             peak = peak_extra_mb(fn, device)
-            p50, p20, p80 = timed(fn, device)
+            times = timed(fn, device)
+            p50 = times[0]
             if name.startswith("ours"):
                 read, how = our_bytes_read(R, V, D, weight.element_size(), name == "ours"), "by design"
             elif name == "reference":
@@ -137,10 +138,9 @@ def main(argv=None):
                 f"max rel err vs fp64 entropy {errors[0]:.2e}; max abs err soft {errors[1]:.2e}"
             )
             rows.append(
-                dict(
+                result_row(
                     meta, op="vocab", provider=name, shape=f"R{R} V{V} D{D}", dtype=str(dtype).removeprefix("torch."),
-                    p50_ms=f"{p50:.4f}", p20_ms=f"{p20:.4f}", p80_ms=f"{p80:.4f}", unit="GB/s", value=f"{gbps:.1f}",
-                    ceiling=f"{bandwidth:.1f}", pct_of_ceiling=f"{100 * gbps / bandwidth:.1f}", note=note,
+                    times=times, unit="GB/s", value=gbps, ceiling=bandwidth, note=note,
                 )
             )  # fmt: skip
             table.add_row(

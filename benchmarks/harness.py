@@ -64,6 +64,16 @@ def provenance(device: torch.device) -> dict:
     return {"date": datetime.date.today().isoformat(), "commit": commit, "gpu": gpu}
 
 
+def result_row(meta: dict, *, op, provider, shape, dtype, times, unit, value, ceiling, note="") -> dict:
+    """One results row (FIELDS): times (p50, p20, p80) in ms, value in `unit` and its percentage of `ceiling`."""
+    p50, p20, p80 = times
+    return dict(
+        meta, op=op, provider=provider, shape=shape, dtype=dtype,
+        p50_ms=f"{p50:.4f}", p20_ms=f"{p20:.4f}", p80_ms=f"{p80:.4f}", unit=unit, value=f"{value:.1f}",
+        ceiling=f"{ceiling:.1f}", pct_of_ceiling=f"{100 * value / ceiling:.1f}", note=note,
+    )  # fmt: skip
+
+
 def append_rows(rows: list[dict], path: Path = RESULTS) -> None:
     """Appends rows (FIELDS keys) to the results CSV, writing the header for a new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
