@@ -105,6 +105,23 @@ def _scaled_logits(
     return cap * _tanh(x / cap) / temp[:, None]
 
 
+@triton.jit
+def _tile(
+    h_ptr, w_ptr, rows, cols, D, stride_hr, stride_wv, cap, temp,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, LOGITS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The scaled logits of (rows, cols): computed from the hidden states, or read from a graph's soft-capped
+    fp32 logits (h_ptr (R, V) with LOGITS) and divided by the temperature, as the PyTorch sampler does."""
+    if LOGITS:  # a constexpr if/else: only the taken branch compiles (an early return would compile both)
+        z = tl.load(h_ptr + rows[:, None] * stride_hr + cols[None, :]) / temp[:, None]
+    else:
+        z = _scaled_logits(
+            h_ptr, w_ptr, rows, cols, D, stride_hr, stride_wv, cap, temp, BLOCK_M, BLOCK_V, BLOCK_D, PRECISION
+        )
+    return z
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _stats_kernel(
     h_ptr, w_ptr, temp_ptr, tick_ptr,
@@ -112,7 +129,7 @@ def _stats_kernel(
     stride_hr, stride_wv, stride_zr,
     z_ptr, part_f_ptr, part_i_ptr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, STASH: tl.constexpr,
-    PRECISION: tl.constexpr,
+    LOGITS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m, split = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -120,7 +137,7 @@ def _stats_kernel(
     rows = tl.minimum(rows, R - 1).to(tl.int64)  # clamped: loads unmasked, stores masked
     temp = tl.load(temp_ptr + rows // C)
     draw = (tl.load(tick_ptr) * R + rows) * (V + 1)  # + v: the Philox counter of (tick, row, v)
-    dtype = h_ptr.dtype.element_ty
+    dtype = w_ptr.dtype.element_ty
     m_i = tl.full([BLOCK_M], NEG, tl.float32)
     arg_i = tl.zeros([BLOCK_M], tl.int32)
     lm_i = tl.full([BLOCK_M], -1.0, tl.float32)  # l - 1, -1 while empty
@@ -133,9 +150,9 @@ def _stats_kernel(
     for v0 in range(start, end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < end
-        z = _scaled_logits(
+        z = _tile(
             h_ptr, w_ptr, rows, tl.minimum(cols, V - 1).to(tl.int64), D, stride_hr, stride_wv, cap, temp,
-            BLOCK_M, BLOCK_V, BLOCK_D, PRECISION,
+            BLOCK_M, BLOCK_V, BLOCK_D, LOGITS, PRECISION,
         )  # fmt: skip
         if STASH:
             stash = z_ptr + rows[:, None] * stride_zr + cols[None, :]
@@ -241,7 +258,7 @@ def _soft_kernel(
     stride_pr, stride_hr, stride_wv,
     part_ptr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    RECOMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+    RECOMPUTE: tl.constexpr, LOGITS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # grid (row tiles, D tiles, vocabulary splits), row tiles fastest: the programs sharing an E tile run together
     pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -261,9 +278,9 @@ def _soft_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < end
         if RECOMPUTE:
-            z = _scaled_logits(
+            z = _tile(
                 h_ptr, w_ptr, rows, tl.minimum(offs_k, V - 1).to(tl.int64), D, stride_hr, stride_wv, cap, temp,
-                BLOCK_M, BLOCK_K, BLOCK_D, PRECISION,
+                BLOCK_M, BLOCK_K, BLOCK_D, LOGITS, PRECISION,
             )  # fmt: skip
             p = tl.exp(z.to(dtype).to(tl.float32) - mb[:, None]) / lb[:, None]
             p = tl.where(k_ok[None, :], p, 0.0).to(dtype)
@@ -299,8 +316,11 @@ def _soft_reduce_kernel(
 
 def tile_config(device: torch.device) -> dict:
     """Per-kernel tiles: small ones under the interpreter (its cost is per op, so not the smallest legal); on a GPU,
-    the largest tiles that compile for sm_90a without register spills, with the 16-byte alignment hints a real launch
-    gets (stats 188 registers, soft 168, 3-stage cp.async pipelines), never timed: no GPU has been available."""
+    large tiles for sm_90a, never timed (no GPU has been available). `python -m dgemma.kernels.aot` under Triton 3.6
+    (the GPU image's): stats 255 registers and 40 B of stack, soft 255 and 200 B (32 B recomputing); Triton 3.9
+    spills more (soft 1.2 kB; stats over logits 3.5 kB, none under 3.6). soft at BLOCK_N = 128 spills nothing in
+    either but reads the probability stash 22 times instead of 11 (2.9 GB against 1.5 GB per 256 positions): which
+    costs less is for a GPU measurement to decide."""
     if device.type != "cuda":
         return dict(
             stats=dict(BLOCK_M=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1),
@@ -327,35 +347,38 @@ def _split(tiles: int, length: int, block: int, device: torch.device, splits: in
 
 def vocab_pass(
     h, weight, temperature, tick, *, seed: int, cap: float, scale: float, soft=None, keep=None, stash: bool = True,
-    splits: int | None = None, config: dict | None = None,
+    logits: bool = False, splits: int | None = None, config: dict | None = None,
 ) -> VocabOut:  # fmt: skip
     """h (R, D) final hidden states, weight (V, D) the tied embedding table, temperature (B,) fp32 for R = B*C rows
     (row r has temperature[r // C]), tick (1,) int64 the step's random-number counter, on the device.
 
+    With `logits`, h is instead the (R, V) fp32 soft-capped logits of an exported decoder graph (runtime/engine.py);
+    the rest is the same pass, reading them where it would compute them.
     Writes the soft embedding into `soft` (R, D) when given, except for the rows of batch rows with keep (B,) set.
     """
-    R, D = h.shape
-    V, B = weight.shape[0], temperature.numel()
-    if weight.shape[1] != D or h.dtype != weight.dtype or R % B:
-        raise ValueError(f"h {tuple(h.shape)} {h.dtype}, weight {tuple(weight.shape)} {weight.dtype}, B={B}")
+    (V, D), B, R = weight.shape, temperature.numel(), h.shape[0]
+    want = (R, V, torch.float32) if logits else (R, D, weight.dtype)
+    if (*h.shape, h.dtype) != want or R % B:
+        raise ValueError(f"h {tuple(h.shape)} {h.dtype} (want {want}), weight {tuple(weight.shape)}, B={B}")
     if h.stride(-1) != 1 or weight.stride(-1) != 1 or temperature.dtype != torch.float32:
         raise ValueError("h and weight need a contiguous last dim, temperature must be fp32")
     if tick.shape != (1,) or tick.dtype != torch.int64:
         raise ValueError(f"tick must be a (1,) int64 tensor, not {tuple(tick.shape)} {tick.dtype}")
     if soft is None:
-        soft = torch.empty_like(h)
-    if soft.shape != (R, D) or soft.dtype != h.dtype or soft.stride(-1) != 1:
-        raise ValueError(f"soft must be ({R}, {D}) {h.dtype} with a contiguous last dim")
+        soft = torch.empty(R, D, device=h.device, dtype=weight.dtype)
+    if soft.shape != (R, D) or soft.dtype != weight.dtype or soft.stride(-1) != 1:
+        raise ValueError(f"soft must be ({R}, {D}) {weight.dtype} with a contiguous last dim")
     keep = torch.zeros(B, dtype=torch.bool, device=h.device) if keep is None else keep
     if keep.shape != (B,) or keep.dtype != torch.bool:
         raise ValueError(f"keep must be ({B},) bool")
     cfg = config or tile_config(h.device)
-    precision = "ieee" if h.dtype == torch.float32 else "tf32"
+    precision = "ieee" if weight.dtype == torch.float32 else "tf32"
     C = R // B
     st = dict(cfg["stats"])
     row_tiles = triton.cdiv(R, st["BLOCK_M"])
     S, split_len = _split(row_tiles, V, st["BLOCK_V"], h.device, splits)
-    z = torch.empty(R, V, device=h.device, dtype=h.dtype) if stash else h  # the stash, then the probabilities
+    # the stash, then the probabilities; without it only its dtype is read: the activation dtype, the combine rounds to
+    z = torch.empty(R, V, device=h.device, dtype=weight.dtype) if stash else weight
     part_f = torch.empty(5, S, R, device=h.device, dtype=torch.float32)
     part_i = torch.empty(2, S, R, device=h.device, dtype=torch.int32)
     _stats_kernel[(row_tiles, S)](
@@ -363,7 +386,7 @@ def vocab_pass(
         R, V, D, C, seed, split_len, cap,
         h.stride(0), weight.stride(0), z.stride(0),
         z, part_f, part_i,
-        STASH=stash, PRECISION=precision, **st,
+        STASH=stash, LOGITS=logits, PRECISION=precision, **st,
     )  # fmt: skip
     out = [torch.empty(R, device=h.device, dtype=dt) for dt in (torch.int64, torch.int64, torch.float32, torch.float32)]
     norm = torch.empty(R, 2, device=h.device, dtype=torch.float32)
@@ -386,7 +409,7 @@ def vocab_pass(
         R, V, D, C, split_len, cap,
         z.stride(0), h.stride(0), weight.stride(0),
         part,
-        RECOMPUTE=not stash, PRECISION=precision, **sk,
+        RECOMPUTE=not stash, LOGITS=logits, PRECISION=precision, **sk,
     )  # fmt: skip
     rd = dict(cfg["reduce"])
     _soft_reduce_kernel[(triton.cdiv(R, rd["BLOCK_R"]), triton.cdiv(D, rd["BLOCK_N"]))](

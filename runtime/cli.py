@@ -19,6 +19,7 @@ from ..model.cache import WINDOW_MODES
 from ..model.checkpoint import CheckpointError
 from ..model.model import BACKENDS
 from . import sudoku_cli
+from .engine import ENGINE_BACKENDS
 from .pipeline import Draft, Pipeline
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -39,7 +40,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--reference", action="store_true", help="draw random numbers as transformers does")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--backend", choices=BACKENDS, default="torch")
+    g.add_argument("--backend", choices=BACKENDS + ENGINE_BACKENDS, default="torch")
+    g.add_argument("--engine", help="onnxruntime, tensorrt: the folder `dgemma export` wrote")
     g.add_argument("--window", choices=WINDOW_MODES, default="shared", help="decoder sliding window")
     sudoku_cli.add_parsers(sub)
     export_cli.add_parser(sub)
@@ -48,8 +50,9 @@ def parser() -> argparse.ArgumentParser:
 
 def generate(args, console: Console) -> None:
     pipe = Pipeline.from_pretrained(
-        args.model, dtype=DTYPES[args.dtype], device=args.device, backend=args.backend, window=args.window
-    )
+        args.model, dtype=DTYPES[args.dtype], device=args.device, backend=args.backend, window=args.window,
+        engine=args.engine,
+    )  # fmt: skip
     text = " ".join(args.prompt)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": text}
@@ -92,7 +95,7 @@ def generate(args, console: Console) -> None:
     console.print(
         f"{s.new_tokens} tokens in {len(s.steps_per_canvas)} canvases, steps per canvas {s.steps_per_canvas}, "
         f"{s.tokens_per_forward[0]:.2f} tokens/forward, {s.tokens_per_second:.1f} tokens/s "
-        f"({args.device}, {args.dtype})"
+        f"({args.device}, {pipe.model.dtype}, {args.backend})"
     )
 
 

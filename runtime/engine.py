@@ -2,10 +2,12 @@
 engine=FOLDER)` runs the loop of pipeline.py unchanged over an `EngineModel`.
 
 EngineModel has the part of DiffusionGemma's interface that `generate_ids` uses (config, dtype, device, new_cache,
-encode, denoise, soft_embedding, logits). It keeps the same KVCache: each pass gathers the prefix K/V in position
-order from the ring and builds the boolean masks from the cache's band (so both window modes and left padding work),
-and the encoder's chunk K/V are written back into the ring. The soft embedding (and, for graphs exported with
-output="hidden", the LM head) run in torch on the checkpoint's embedding table, on the model's device.
+encode, denoise, denoise_hidden, soft_embedding, logits). It keeps the same KVCache: each pass gathers the prefix K/V
+in position order from the ring and builds the boolean masks from the cache's band (so both window modes and left
+padding work), and the encoder's chunk K/V are written back into the ring. The sampler, the soft embedding and (for
+graphs exported with output="hidden") the LM head run outside the graphs, on the checkpoint's embedding table on the
+model's device: on TensorRT in pipeline.DeviceLoop's kernels, on the same stream, with no host sync in a canvas (the
+vocabulary pass reads either output); on ONNX Runtime, whose device is the host, in the PyTorch loop.
 
 Backends: ONNX Runtime on the CPU (fp32 or fp16 exports; it has no bf16 kernels), and TensorRT engines on a CUDA
 device. TensorRTRunner is written for a GPU user and has never executed here: the project's GPU machines have no
@@ -104,7 +106,12 @@ class EngineModel:
                 cache.v[i][:, :, slots[kind]] = out[f"value_{i}"][:, :, :T]
             cache.commit(T)
 
-    def _decode(self, canvas_ids, cache: KVCache, soft):
+    @property
+    def decoder_output(self) -> str:
+        return self.meta["decoder_output"]
+
+    def decode(self, canvas_ids, cache: KVCache, soft):
+        """One decoder pass -> the graph's output: fp32 soft-capped logits (B, C, V) or hidden states (B, C, D)."""
         reused = self._prefix is not None and self._prefix[0] is cache and self._prefix[1] == cache.length
         if not reused:
             valid = torch.ones_like(canvas_ids, dtype=torch.bool)
@@ -114,21 +121,21 @@ class EngineModel:
             soft = torch.zeros(B, C, self.config.hidden_size, dtype=self.dtype, device=self.device)
         feeds = self._prefix[2] | {"canvas_ids": canvas_ids, "soft": soft}
         unchanged = set(self._prefix[2]) if reused else set()
-        return self.runner.run("decoder", feeds, unchanged)[self.meta["decoder_output"]]
+        return self.runner.run("decoder", feeds, unchanged)[self.decoder_output]
 
     @torch.no_grad()
     def denoise(self, canvas_ids, cache: KVCache, self_conditioning=None):
         """As DiffusionGemma.denoise -> fp32 soft-capped logits (B, C, V)."""
         soft = None if self_conditioning is None else self.soft_embedding(self_conditioning)
-        out = self._decode(canvas_ids, cache, soft)
-        return out if self.meta["decoder_output"] == "logits" else self.logits(out)
+        out = self.decode(canvas_ids, cache, soft)
+        return out if self.decoder_output == "logits" else self.logits(out)
 
     @torch.no_grad()
     def denoise_hidden(self, canvas_ids, cache: KVCache, soft=None):
         """As DiffusionGemma.denoise_hidden -> (B, C, D), for graphs exported with output="hidden"."""
-        if self.meta["decoder_output"] != "hidden":
+        if self.decoder_output != "hidden":
             raise ValueError("this decoder graph outputs logits: export with --output hidden for the hidden states")
-        return self._decode(canvas_ids, cache, soft)
+        return self.decode(canvas_ids, cache, soft)
 
 
 class OnnxRuntimeRunner:

@@ -19,7 +19,7 @@ import torch
 from ..model.checkpoint import read_generation_config
 from ..model.model import DiffusionGemma
 from ..model.tokenizer import Tokenizer
-from .engine import ENGINE_BACKENDS
+from .engine import ENGINE_BACKENDS, EngineModel
 from .engine import load as load_engine
 from .sampler import (
     SamplingConfig,
@@ -72,11 +72,18 @@ def generate_ids(
     warm_start: torch.Tensor | None = None,
     on_draft: Callable[[Draft], None] | None = None,
     on_commit: Callable[[int, torch.Tensor], None] | None = None,
+    device_loop: bool | None = None,
 ) -> tuple[torch.Tensor, Stats]:
     """prompt (B, P) left-padded ids -> (B, P + k*C) ids with the committed canvases appended, and statistics.
 
-    The Triton backend (reference=False) denoises each canvas in `DeviceLoop`, without a host sync until the commit.
+    `device_loop` denoises each canvas in `DeviceLoop` (Triton kernels), without a host sync until the commit; None
+    picks it for the triton and tensorrt backends, and the per-step PyTorch loop for the torch reference and for
+    onnxruntime, whose device is the host (True there runs the kernels under TRITON_INTERPRET=1: tests do).
     """
+    if device_loop is None:
+        device_loop = not reference and model.backend in ("triton", "tensorrt")
+    if device_loop and reference:
+        raise ValueError("reference=True draws as transformers does, in the PyTorch loop: it takes no device_loop")
     start = time.perf_counter()
     B, P = prompt.shape
     C, V, device = model.config.canvas_length, model.config.vocab_size, prompt.device
@@ -88,7 +95,7 @@ def generate_ids(
     stats.encoder_passes += 1
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     passes = torch.zeros(B, dtype=torch.long, device=device)
-    device_loop = None if reference or model.backend != "triton" else DeviceLoop(model, B, cfg, seed)
+    device_loop = DeviceLoop(model, B, cfg, seed) if device_loop else None
     out = [prompt]
     for k in range(canvases):
         if k > 0:
@@ -147,9 +154,10 @@ def _denoise(model, canvas, cache, cfg, draws, finished, passes, stats, k, refer
 
 
 class DeviceLoop:
-    """The Triton backend's canvas loop: the fused vocabulary pass (kernels/vocab.py) and the sampler's state update
-    (kernels/sampler.py) keep every per-canvas tensor on the device, so a canvas runs without a host sync until its
-    commit; the statistics are read once per canvas.
+    """The canvas loop of the Triton and TensorRT backends: the fused vocabulary pass (kernels/vocab.py) and the
+    sampler's state update (kernels/sampler.py) keep every per-canvas tensor on the device, so a canvas runs without a
+    host sync until its commit; the statistics are read once per canvas. The vocabulary pass takes the final hidden
+    states (the model's, or a decoder graph exported with output="hidden") or a graph's logits.
 
     Same semantics as `_denoise` with `SeededDraws` (same first canvas; stopped rows frozen; same statistics); only
     the per-step draws differ, Philox in-kernel instead of torch's generator.
@@ -168,6 +176,7 @@ class DeviceLoop:
         from ..kernels.sampler import SamplerState
 
         self.model, self.cfg, self.seed = model, cfg, seed
+        self.logits = isinstance(model, EngineModel) and model.decoder_output == "logits"
         device, N, D = model.device, cfg.max_denoising_steps, model.config.hidden_size
         schedule = torch.stack([temperature(n, cfg) for n in range(N, 0, -1)]).to(device)  # bit-equal, built once
         self.state = SamplerState.new(
@@ -200,11 +209,14 @@ class DeviceLoop:
             if self.converged(step):
                 break
             last = state.argmax.clone() if on_draft is not None else None
-            h = model.denoise_hidden(state.canvas, cache, state.soft).view(B * C, D)
+            if self.logits:
+                x = model.decode(state.canvas, cache, state.soft).view(B * C, V)
+            else:
+                x = model.denoise_hidden(state.canvas, cache, state.soft).view(B * C, D)
             out = vocab_pass(
-                h, model.embed_tokens.weight, state.temperature, state.tick, seed=self.seed,
+                x, model.embed_tokens.weight, state.temperature, state.tick, seed=self.seed,
                 cap=model.config.final_logit_softcapping, scale=self.scale, soft=state.soft.view(B * C, D),
-                keep=state.frozen,
+                keep=state.frozen, logits=self.logits,
             )  # fmt: skip
             sampler_step(
                 state, out.argmax.view(B, C), out.sample.view(B, C), out.entropy.view(B, C), passes,
@@ -248,6 +260,8 @@ class Pipeline:
     ):
         """backend "onnxruntime" or "tensorrt" runs the graphs in `engine`, a folder written by `dgemma export`, checked
         against this checkpoint (runtime/engine.py); their dtype is the export's, not `dtype`."""
+        if engine is not None and backend not in ENGINE_BACKENDS:
+            raise ValueError(f"engine={engine!r} is for backend 'onnxruntime' or 'tensorrt', not {backend!r}")
         if backend in ENGINE_BACKENDS:
             model = load_engine(path, engine, backend=backend, device=device, window=window)
         else:
@@ -292,9 +306,11 @@ class Pipeline:
         warm_start=None,
         on_draft=None,
         on_commit=None,
+        device_loop=None,
         **sampling,
     ) -> Generation:
-        """`sampling` overrides SamplingConfig fields (max_new_tokens, max_denoising_steps, t_min, ...)."""
+        """`sampling` overrides SamplingConfig fields (max_new_tokens, max_denoising_steps, t_min, ...); device_loop as
+        in `generate_ids`."""
         cfg = self.sampling_config(**sampling)
         rows = self.prompt_ids(prompt, chat=chat, thinking=thinking)
         P, device = max(map(len, rows)), self.model.device
@@ -314,6 +330,7 @@ class Pipeline:
             warm_start=warm_start,
             on_draft=on_draft,
             on_commit=on_commit,
+            device_loop=device_loop,
         )
         tokens = []
         for row in sequences[:, P:].tolist():

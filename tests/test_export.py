@@ -180,6 +180,32 @@ def test_generate_over_onnxruntime_equals_torch(tiny_checkpoint, fp32, reference
     assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
 
 
+@pytest.mark.parametrize("which", ["logits", "hidden"])
+def test_device_loop_over_engines_equals_the_model(tiny_checkpoint, fp32, odd, which):
+    """The TensorRT backend's canvas loop (pipeline.DeviceLoop: the vocabulary and sampler kernels on the graph's
+    output, no host sync in a canvas), run over ONNX Runtime with the kernels interpreted: a decoder graph that outputs
+    logits, and one that outputs hidden states (the odd config, custom MoE node), each generate the same tokens, steps
+    and acceptances as the PyTorch model in the same loop."""
+    checkpoint, export, window = (tiny_checkpoint, fp32, "shared") if which == "logits" else (*odd, "per_token")
+    assert sidecar.read(export)["decoder_output"] == which
+    runs = []
+    for kwargs in ({"dtype": torch.float32}, {"backend": "onnxruntime", "engine": export}):
+        pipe = Pipeline.from_pretrained(checkpoint, window=window, **kwargs)
+        out = pipe.generate(
+            [[5, 6, 7, 8], [9, 10]], seed=5, max_new_tokens=16, max_denoising_steps=4, stop_ids=[], device_loop=True
+        )
+        runs.append((out.sequences, out.stats.steps_per_canvas, out.stats.accepted_per_step))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1:] == runs[1][1:]
+    assert len(runs[0][1]) >= 2 and sum(runs[0][2]) > 0  # more than one canvas; positions were accepted
+
+
+def test_cli_generates_over_onnxruntime(tiny_checkpoint, fp32, capsys):
+    args = ["generate", "--model", str(tiny_checkpoint), "--backend", "onnxruntime", "--engine", str(fp32)]
+    assert main([*args, "--max-new-tokens", "8", "--steps", "3", "Hello"]) == 0
+    out = capsys.readouterr().out
+    assert "steps per canvas [3]" in out and "torch.float32, onnxruntime" in out
+
+
 @pytest.mark.skipif(not HAS_RTX, reason="needs tensorrt_rtx, which builds on a CPU")
 def test_tensorrt_rtx_builds_both_bf16_graphs(engines, bf16):
     import tensorrt_rtx
@@ -216,6 +242,7 @@ def test_engine_backends_refuse_mismatches(tiny_checkpoint, fp32, bf16, odd, tmp
         (tiny_checkpoint, None, "tensorrt", "needs engine="),
         (tiny_checkpoint, tmp_path, "onnxruntime", "not a folder written by `dgemma export`"),
         (tiny_checkpoint, retarget(fp32, tmp_path, lambda m: m.update(format=0)), "onnxruntime", "re-export"),
+        (tiny_checkpoint, fp32, "torch", "is for backend 'onnxruntime' or 'tensorrt'"),
     ]
     for checkpoint, folder, backend, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -24,4 +24,4 @@ def test_production_kernels_compile_for_hopper():
         assert 0 < row["registers"] <= 255 and row["shared"] <= SMEM_LIMIT, row
         if row["label"].startswith("attention"):
             assert row["wgmma"], row  # both dots on Hopper's warpgroup tensor-core path
-    assert {row["label"].split()[0] for row in rows} == {"attention", "combine", "norm_rope", "moe"}
+    assert {row["label"].split()[0] for row in rows} == {"attention", "combine", "norm_rope", "moe", "vocab", "sampler"}

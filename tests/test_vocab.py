@@ -33,7 +33,7 @@ def inputs(R, V, D, B, dtype=torch.float32, device="cpu"):
 
 def run(h, w, T, *, seed=0, tick=0, **kwargs):
     tick = torch.tensor([tick], device=h.device)
-    return vocab_pass(h, w, T, tick, seed=seed, cap=CAP, scale=float(h.shape[1] ** 0.5), **kwargs)
+    return vocab_pass(h, w, T, tick, seed=seed, cap=CAP, scale=float(w.shape[1] ** 0.5), **kwargs)
 
 
 def truth(h, w, T):
@@ -114,6 +114,22 @@ def test_splits_and_the_recompute_variant_agree(splits, device):
     assert torch.equal(out.argmax, ref.argmax) and torch.equal(out.sample, ref.sample)
     for ours, theirs in zip(out[2:], ref[2:], strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stash", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_logits_input_is_the_same_pass(stash, dtype, device):
+    """An exported decoder graph hands over soft-capped fp32 logits, not hidden states (runtime/engine.py): reading
+    them where the kernel would compute them gives the hidden-state pass's argmax and (same Philox counters) sample,
+    and the reference's probabilities, entropy and soft embedding, in both the stash and the recompute variant."""
+    h, w, T = inputs(*CASES["many-positions"], dtype, device)
+    logits = CAP * torch.tanh(torch.nn.functional.linear(h, w).float() / CAP)  # DiffusionGemma.logits
+    out = run(logits, w, T, seed=3, tick=5, logits=True, stash=stash)
+    ref = run(h, w, T, seed=3, tick=5, stash=stash)
+    assert torch.equal(out.argmax, ref.argmax) and torch.equal(out.sample, ref.sample)
+    assert_matches(out, h, w, T)
+    with pytest.raises(ValueError, match="want"):  # hidden states passed as logits
+        run(h, w, T, logits=True)
 
 
 def test_kept_rows_are_not_written(device):
