@@ -28,6 +28,7 @@ from .model import DiffusionGemma, Experts
 
 IGNORED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 EXPERT_BANKS = ("experts.gate_up_proj", "experts.down_proj")  # what expert_dtype="fp8" quantizes
+LOAD_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # the dtypes a model loads in (the CLIs' --dtype)
 
 
 class CheckpointError(ValueError):
@@ -92,7 +93,7 @@ def load_model(
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a checkpoint folder")
-    if dtype not in (torch.bfloat16, torch.float32):
+    if dtype not in LOAD_DTYPES.values():
         raise ValueError(f"dtype must be torch.bfloat16 or torch.float32, not {dtype}")
     if expert_dtype not in (None, "fp8"):
         raise ValueError(f"expert_dtype must be None or 'fp8', not {expert_dtype!r}")

@@ -16,13 +16,11 @@ from rich.text import Text
 
 from ..export import cli as export_cli
 from ..model.cache import WINDOW_MODES
-from ..model.checkpoint import CheckpointError
+from ..model.checkpoint import LOAD_DTYPES, CheckpointError
 from ..model.model import BACKENDS
 from . import sudoku_cli
 from .engine import ENGINE_BACKENDS
 from .pipeline import Draft, Pipeline
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, dest="max_denoising_steps", help="maximum denoising steps per canvas")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--reference", action="store_true", help="draw random numbers as transformers does")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    g.add_argument("--dtype", choices=sorted(LOAD_DTYPES), default="bf16")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--backend", choices=BACKENDS + ENGINE_BACKENDS, default="torch")
     g.add_argument("--engine", help="onnxruntime, tensorrt: the folder `dgemma export` wrote")
@@ -50,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
 
 def generate(args, console: Console) -> None:
     pipe = Pipeline.from_pretrained(
-        args.model, dtype=DTYPES[args.dtype], device=args.device, backend=args.backend, window=args.window,
+        args.model, dtype=LOAD_DTYPES[args.dtype], device=args.device, backend=args.backend, window=args.window,
         engine=args.engine,
     )  # fmt: skip
     text = " ".join(args.prompt)

@@ -38,8 +38,9 @@ ENGINE_BACKENDS = ("onnxruntime", "tensorrt")
 class EngineModel:
     """The DiffusionGemma interface generate_ids uses, over a runner of the exported decoder and encoder graphs."""
 
-    soft_embedding = DiffusionGemma.soft_embedding  # the same torch math on the checkpoint's embedding table
-    logits = DiffusionGemma.logits
+    # the same torch code on the checkpoint's embedding table (and the cache the model's own)
+    soft_embedding, logits = DiffusionGemma.soft_embedding, DiffusionGemma.logits
+    dtype, device, new_cache = DiffusionGemma.dtype, DiffusionGemma.device, DiffusionGemma.new_cache
 
     def __init__(self, runner, meta: dict, embedding: torch.Tensor, window: str, backend: str):
         self.runner, self.meta, self.window, self.backend = runner, meta, window, backend
@@ -47,17 +48,6 @@ class EngineModel:
         self.embed_tokens = nn.Embedding.from_pretrained(embedding, freeze=True)
         self.inputs = {graph: {e["name"] for e in meta["graphs"][graph]["inputs"]} for graph in GRAPHS}
         self._prefix = None  # (cache, committed length, decoder feeds that hold for every step of a canvas)
-
-    @property
-    def dtype(self):
-        return self.embed_tokens.weight.dtype
-
-    @property
-    def device(self):
-        return self.embed_tokens.weight.device
-
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.config, batch, max_len, dtype=self.dtype, device=self.device, window=self.window)
 
     def prefix_feeds(self, graph: str, cache: KVCache, chunk_valid: torch.Tensor, causal: bool) -> dict:
         """Masks (B, 1, T, P + T), positions (T,) and past K/V (B, Hkv, P, d) for a chunk at cache.length."""

@@ -14,12 +14,12 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from ..model.checkpoint import LOAD_DTYPES
 from ..model.model import DiffusionGemma
 from . import sudoku
 from .pipeline import Draft, Pipeline
 from .solve import score, shipped, solve, solve_greedy
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 THREADS = "torch threads: the small models gain nothing from more, and on 2 busy cores two threads stall"
 LEGEND = "[bold]bold[/] clue  [green]green[/] accepted  [black on yellow]yellow[/] changed  [dim]dim[/] redrawn"
 
@@ -32,7 +32,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--steps", type=int, dest="max_denoising_steps", help="maximum denoising steps")
     s.add_argument("--seed", type=int, default=0, help="sampler seed (and the random puzzle's)")
     s.add_argument("--delay", type=float, default=0.4, help="seconds per step on a terminal, to watch it")
-    s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    s.add_argument("--dtype", choices=sorted(LOAD_DTYPES), default="fp32")
     s.add_argument("--threads", type=int, default=1, help=THREADS)
 
     e = sub.add_parser("eval", help="measure a task's solve rate").add_subparsers(dest="task", required=True)
@@ -45,7 +45,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--baseline", nargs="?", const="shipped", help="also decode an autoregressive checkpoint greedily")
     e.add_argument("--steps", type=int, nargs="+", help="denoising step budgets (default: generation_config's)")
     e.add_argument("--seed", type=int, default=0, help="puzzle and sampler seed")
-    e.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    e.add_argument("--dtype", choices=sorted(LOAD_DTYPES), default="fp32")
     e.add_argument("--threads", type=int, default=1, help=THREADS)
     e.add_argument("--json", action="store_true", help="print the results as JSON")
 
@@ -108,7 +108,7 @@ def solve_one(args, console: Console) -> None:
         puzzle = sudoku.held_out(n, 1, seed=args.seed)[0][0]
     if not sudoku.solutions(puzzle, limit=1):
         raise ValueError(f"{sudoku.fmt(puzzle)} has no solution")
-    pipe = Pipeline.from_pretrained(args.model or shipped(n), dtype=DTYPES[args.dtype])
+    pipe = Pipeline.from_pretrained(args.model or shipped(n), dtype=LOAD_DTYPES[args.dtype])
     budget = args.max_denoising_steps or pipe.sampling_config().max_denoising_steps
     console.print(f"puzzle {sudoku.fmt(puzzle)}: {puzzle.count(0)} blanks, up to {budget} steps", highlight=False)
     console.print(LEGEND)
@@ -156,7 +156,7 @@ def evaluate(args, console: Console) -> None:
         pairs = sudoku.held_out(args.size, args.count, seed=args.seed, blanks=blanks)
     puzzles, solutions = [p for p, _ in pairs], [s for _, s in pairs]
     n = sudoku.size_of(len(puzzles[0]))
-    pipe = Pipeline.from_pretrained(args.model or shipped(n), dtype=DTYPES[args.dtype])
+    pipe = Pipeline.from_pretrained(args.model or shipped(n), dtype=LOAD_DTYPES[args.dtype])
     rows = []
     for steps in args.steps or [pipe.sampling_config().max_denoising_steps]:
         start = time.perf_counter()
@@ -166,7 +166,7 @@ def evaluate(args, console: Console) -> None:
     if args.baseline:
         path = shipped(n, baseline=True) if args.baseline == "shipped" else args.baseline
         start = time.perf_counter()
-        grids = solve_greedy(DiffusionGemma.from_pretrained(path, dtype=DTYPES[args.dtype]), puzzles)
+        grids = solve_greedy(DiffusionGemma.from_pretrained(path, dtype=LOAD_DTYPES[args.dtype]), puzzles)
         result = score(puzzles, solutions, grids).row()
         rows.append({"model": "autoregressive", "max_steps": None, **result, "seconds": time.perf_counter() - start})
     if args.json:

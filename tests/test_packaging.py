@@ -1,4 +1,5 @@
-"""The repository installs as one distribution, `dgemma`, whose subpackages are the top-level folders."""
+"""The repository installs as one distribution, `dgemma`, whose subpackages are the top-level folders and which
+ships the Sudoku models as package data."""
 
 import subprocess
 import sys
@@ -21,12 +22,19 @@ def test_wheel_holds_the_subpackages_and_imports(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("__init__.py", "model/model.py", "model/checkpoint.py", "runtime/pipeline.py", "runtime/cli.py"):
         assert f"dgemma/{module}" in names
+    shipped = [f.relative_to(ROOT) for f in (ROOT / "runtime" / "models").glob("*/*")]
+    assert len(shipped) == 4 * 4  # config, generation config, weights, tokenizer; 4x4 and 6x6, each with a baseline
+    assert all(f"dgemma/{f}" in names for f in shipped)
     assert not any(n.startswith(("model/", "runtime/", "tests/", "dgemma/tests/")) for n in names)  # no bare packages
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "dgemma = dgemma.runtime.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    probe = "import dgemma, dgemma.runtime.cli; from dgemma import DiffusionGemma, Pipeline; print(dgemma.__file__)"
+    # the installed package finds its own shipped model and loads it through the official loader
+    probe = (
+        "import dgemma, dgemma.runtime.cli; from dgemma import Pipeline; from dgemma.runtime.solve import shipped; "
+        "Pipeline.from_pretrained(shipped(4)); print(dgemma.__file__)"
+    )
     done = subprocess.run(
         [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(site)!r}); {probe}"],
         capture_output=True,
