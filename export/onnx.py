@@ -13,6 +13,7 @@ B, Pf and Ps are dynamic; the masks carry the window mode and left padding (runt
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -44,18 +45,19 @@ def dims(config, max_prompt: int, max_batch: int) -> dict[str, dict[str, int]]:
     return out
 
 
-def example(model: DiffusionGemma, decoder: bool) -> tuple[tuple, tuple, list[str]]:
-    """Inputs to trace with (sizes >= 2 and distinct, so nothing specializes), their dynamic shapes, their names."""
+def example(model: DiffusionGemma, decoder: bool) -> tuple[tuple, tuple, list[str], list]:
+    """Inputs to trace with (sizes >= 2 and distinct, so nothing specializes), their dynamic shapes, their names, and
+    the dynamic shape of each named input ({axis: Dim} or None)."""
     config, dtype, g = model.config, model.dtype, torch.Generator().manual_seed(0)
     C, B = config.canvas_length, 2
-    kinds = sorted(set(config.layer_types))
+    attending = config.layer_types if decoder else config.layer_types[:-1]  # the encoder's last layer stops at K/V
+    kinds = sorted(set(attending))  # a mask input per layer type the graph attends with
     P = {FULL: C + 3, SLIDING: 2}
     dim = {"batch": Dim("batch"), FULL: Dim("past_full"), SLIDING: Dim("past_sliding")}
     ids = torch.randint(0, config.vocab_size, (B, C), generator=g)
     masks = {kind: torch.ones(B, 1, C, P[kind] + C, dtype=torch.bool) for kind in kinds}
     mask_dims = {kind: {0: dim["batch"], 3: dim[kind] + C} for kind in kinds}
     past, past_dims, past_names = [], [], []
-    attending = config.layer_types if decoder else config.layer_types[:-1]  # the encoder's last layer stops at K/V
     for i, kind in enumerate(attending):
         shape = (B, config.num_kv_heads(kind), P[kind], config.head_dim_of(kind))
         past += [torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)]
@@ -66,7 +68,8 @@ def example(model: DiffusionGemma, decoder: bool) -> tuple[tuple, tuple, list[st
     names = ["canvas_ids", "soft"] if decoder else ["ids"]
     args = (*head, positions, masks, past)
     shapes = (*[{0: dim["batch"]}] * len(head), None, mask_dims, past_dims)
-    return args, shapes, names + ["positions"] + [f"mask_{SHORT[k]}" for k in kinds] + past_names
+    specs = [*shapes[: len(head)], None, *(mask_dims[k] for k in kinds), *past_dims]
+    return args, shapes, names + ["positions"] + [f"mask_{SHORT[k]}" for k in kinds] + past_names, specs
 
 
 def moe_example(model: DiffusionGemma) -> tuple[torch.Tensor, ...]:
@@ -79,7 +82,7 @@ def moe_example(model: DiffusionGemma) -> tuple[torch.Tensor, ...]:
 
 
 def trace(graph, path: Path, decoder: bool) -> None:
-    args, shapes, names = example(graph.model, decoder)
+    args, shapes, names, specs = example(graph.model, decoder)
     n = graph.model.config.num_hidden_layers
     outputs = [graph.output] if decoder else [f"{kv}_{i}" for i in range(n) for kv in ("key", "value")]
     with warnings.catch_warnings():  # the exporter warns about every dimension name it reuses, and about meta values
@@ -88,6 +91,28 @@ def trace(graph, path: Path, decoder: bool) -> None:
             graph.eval(), args, path, dynamo=True, opset_version=OPSET, input_names=names, output_names=outputs,
             dynamic_shapes=shapes, external_data=True, optimize=True, verbose=False,
         )  # fmt: skip
+    name_dims(path, names, specs)
+
+
+def name_dims(path: Path, names: list[str], specs: list) -> None:
+    """Gives the inputs' dynamic dimensions their Dim names, in every shape of the graph. torch.export names a symbol
+    after its Dim only sometimes (a one-layer encoder, whose batch is in `ids` alone, got `s23`), and the sidecar and
+    the engine profiles go by the names."""
+    model = onnx.load(path, load_external_data=False)
+    inputs = {v.name: v.type.tensor_type.shape.dim for v in model.graph.input}
+    rename = {}
+    for name, spec in zip(names, specs, strict=True):
+        for axis, d in (spec or {}).items():
+            symbol = inputs[name][axis].dim_param
+            if not hasattr(d, "root") and symbol != d.__name__:  # a derived Dim (`past + C`) follows its root
+                rename[symbol] = d.__name__
+    if not rename:
+        return
+    for v in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for axis in v.type.tensor_type.shape.dim:
+            if axis.dim_param:
+                axis.dim_param = re.sub(r"\w+", lambda m: rename.get(m.group(0), m.group(0)), axis.dim_param)
+    onnx.save(model, path)
 
 
 def separate_masks(path: Path) -> None:

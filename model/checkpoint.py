@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .config import Config
 from .model import DiffusionGemma, Experts
@@ -127,3 +128,21 @@ def load_model(
         module, attr = name.rsplit(".", 1)
         setattr(model.get_submodule(module), attr, scale)
     return model.to(device).eval()
+
+
+def save_model(model: DiffusionGemma, path: str | Path, *, dtype: torch.dtype = torch.float32, **config) -> Path:
+    """model.safetensors (in `dtype`) and config.json in the official layout load_model reads; `config` adds top-level
+    config.json entries (eos_token_id, pad_token_id...)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {checkpoint_name(k): v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    hf = {
+        "architectures": ["DiffusionGemmaForBlockDiffusion"],
+        "model_type": "diffusion_gemma",
+        "canvas_length": model.config.canvas_length,
+        "text_config": model.config.hf_text_config() | {"model_type": "diffusion_gemma_text"},
+        "tie_word_embeddings": True,
+    }
+    (path / "config.json").write_text(json.dumps(hf | config, indent=2) + "\n")
+    return path

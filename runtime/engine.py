@@ -66,7 +66,8 @@ class EngineModel:
             seen = (keys >= a * q + lo) & (keys <= b * q + hi) & key_valid[:, None, :]  # (B, T, P + T)
             # A padding query sees itself, so no row is all masked: engines differ there (ONNX Runtime returns zeros,
             # model.py a uniform average, a -inf softmax NaN). Its output is never read: its keys stay masked.
-            feeds[f"mask_{SHORT[kind]}"] = (seen | (keys == q))[:, None]
+            if f"mask_{SHORT[kind]}" in self.inputs[graph]:  # an encoder whose attending layers are all one type
+                feeds[f"mask_{SHORT[kind]}"] = (seen | (keys == q))[:, None]
         for i, kind in enumerate(self.config.layer_types):
             if f"past_key_{i}" not in self.inputs[graph]:  # the encoder's last layer takes no prefix
                 continue

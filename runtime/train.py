@@ -23,10 +23,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from ..model.cache import KVCache
-from ..model.checkpoint import checkpoint_name, load_model
+from ..model.checkpoint import load_model, save_model
 from ..model.config import FULL, SLIDING, Config
 from ..model.model import DiffusionGemma
 from . import sudoku
@@ -190,21 +189,7 @@ def init_weights(model: DiffusionGemma, seed: int, std: float = 0.02) -> Diffusi
 
 def save_checkpoint(model: DiffusionGemma, path: str | Path, generation: dict) -> Path:
     """config.json, generation_config.json, model.safetensors and tokenizer.json, as load_model reads them."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    tensors = {checkpoint_name(k): v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    hf = {
-        "architectures": ["DiffusionGemmaForBlockDiffusion"],
-        "model_type": "diffusion_gemma",
-        "canvas_length": config.canvas_length,
-        "text_config": config.hf_text_config() | {"model_type": "diffusion_gemma_text"},
-        "eos_token_id": [sudoku.EOS],
-        "pad_token_id": sudoku.PAD,
-        "tie_word_embeddings": True,
-    }
-    (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    path = save_model(model, path, eos_token_id=[sudoku.EOS], pad_token_id=sudoku.PAD)
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     sudoku.build_tokenizer(path)
     return path

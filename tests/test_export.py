@@ -14,12 +14,12 @@ import torch
 
 from dgemma import DiffusionGemma, Pipeline
 from dgemma.export import sidecar
-from dgemma.export.engine import build_engines
+from dgemma.export.engine import build_engines, profile_shapes
 from dgemma.export.onnx import export_onnx
-from dgemma.export.sidecar import GRAPHS, ExportError
+from dgemma.export.sidecar import GRAPHS, SHORT, ExportError
 from dgemma.model.cache import WINDOW_MODES
 from dgemma.model.checkpoint import CheckpointError, read_config
-from dgemma.model.config import FULL, Config
+from dgemma.model.config import FULL, SLIDING, Config
 from dgemma.runtime.cli import main
 from dgemma.runtime.engine import load
 
@@ -138,6 +138,29 @@ def test_onnxruntime_matches_the_model(tiny_checkpoint, fp32, window, prompt):
     for chunk, valid in ((ids, mask), (canvas, None)):  # the prompt, then a committed canvas
         for model, cache in zip((ref, ours), caches, strict=True):
             model.encode(chunk, cache, valid)
+        assert_same_pass(ref, ours, caches, canvas, sc)
+
+
+@pytest.mark.parametrize("types", [[FULL], [SLIDING, FULL]])
+def test_encoders_that_attend_with_one_layer_type_or_none(types, tmp_path):
+    """Cut-down models (bench_export.py's): a one-layer encoder takes no prefix at all, and a sliding-then-global one
+    only sliding keys. Each graph takes masks only for the layer types it attends with, every dynamic dimension has
+    its name (profiles resolve), and ONNX Runtime still matches the model after a prompt and a commit."""
+    build_checkpoint(tmp_path / "ckpt", Config.tiny(num_hidden_layers=len(types), layer_types=types), seed=4)
+    export = export_onnx(tmp_path / "ckpt", tmp_path / "export", dtype="fp32")
+    meta = sidecar.read(export)
+    encoder_inputs = {e["name"] for e in meta["graphs"]["encoder"]["inputs"]}
+    assert {n for n in encoder_inputs if n.startswith("mask_")} == {f"mask_{SHORT[t]}" for t in types[:-1]}
+    for graph in GRAPHS:
+        assert profile_shapes(meta["graphs"][graph], {k: d | {"opt": d["max"]} for k, d in meta["dims"].items()})
+    ref = DiffusionGemma.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    ours = load(tmp_path / "ckpt", export, backend="onnxruntime")
+    C = ref.config.canvas_length
+    ids, canvas, sc = torch.randint(3, 256, (1, 11)), torch.randint(0, 256, (1, C)), 3 * torch.randn(1, C, 256)
+    caches = [model.new_cache(1, 11 + 2 * C) for model in (ref, ours)]
+    for chunk in (ids, canvas):
+        for model, cache in zip((ref, ours), caches, strict=True):
+            model.encode(chunk, cache)
         assert_same_pass(ref, ours, caches, canvas, sc)
 
 
