@@ -54,6 +54,18 @@ def test_bench_moe_smoke(tmp_path):
             assert err < 1e-4, row
 
 
+def test_bench_export_smoke(tmp_path):
+    """Two cut-down tiny checkpoints exported (and built, where TensorRT-RTX is installed) in their own processes."""
+    from harness import FIELDS
+
+    rows = smoke("bench_export.py", tmp_path / "rows.csv")
+    assert rows and all(set(row) == set(FIELDS) and all(row[k] for k in FIELDS) for row in rows)
+    assert {row["shape"].split()[0] for row in rows} == {"layers=1", "layers=2"}
+    for row in rows:
+        assert row["unit"] == "GB peak RSS" and 0 < float(row["value"]) < float(row["ceiling"])
+        assert float(row["p50_ms"]) > 0 and "params" in row["note"]
+
+
 @pytest.fixture(autouse=True)
 def benchmarks_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
