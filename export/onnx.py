@@ -29,6 +29,7 @@ from . import sidecar
 from .custom_ops import attach, moe_function, moe_node
 from .graphs import OUTPUTS, DecoderGraph, EncoderGraph, dense_moe
 from .sidecar import DTYPES, SHORT, ExportError
+from .weights import share_weights
 
 OPSET = 23
 ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"} | {
@@ -183,6 +184,7 @@ def export_onnx(
         for name, graph in graphs.items():
             trace(graph, tmp / f"{name}.onnx", decoder=name == "decoder")
             separate_masks(tmp / f"{name}.onnx")
+        share_weights(tmp)
         if custom_ops:
             function = moe_function(moe_example(model), OPSET)
             for name in graphs:

@@ -8,6 +8,7 @@ import importlib.util
 from collections import Counter
 from dataclasses import asdict
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -17,6 +18,7 @@ from dgemma.export import sidecar
 from dgemma.export.engine import build_engines, profile_shapes
 from dgemma.export.onnx import export_onnx
 from dgemma.export.sidecar import GRAPHS, SHORT, ExportError
+from dgemma.export.weights import location, share_weights
 from dgemma.model.cache import WINDOW_MODES
 from dgemma.model.checkpoint import CheckpointError, read_config
 from dgemma.model.config import FULL, SLIDING, Config
@@ -80,8 +82,36 @@ def test_graphs_are_opset_23_without_sequence_ops(fp32, tiny_checkpoint):
         types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
         topk = [n for n in model.graph.node if n.op_type == "TopK"]
         assert len(topk) == attending and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in topk)
-        external = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
-        assert "model.embed_tokens.weight" in external and (fp32 / f"{graph}.onnx.data").stat().st_size > 0
+        external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert "model.embed_tokens.weight" in {t.name for t in external}
+        # the weights are stored once: every tensor the encoder has, the decoder's data file already held
+        assert {location(t)[0] for t in external} == {"decoder.onnx.data"}
+    assert sorted(p.name for p in fp32.iterdir() if p.suffix == ".data") == ["decoder.onnx.data"]
+
+
+def test_shared_weights_match_by_content_not_name(tmp_path):
+    """share_weights on two hand-made graphs: the sharer's copy of the owner's tensor (under another name) is read
+    from the owner's file; a tensor named like one of the owner's but holding other values keeps its own bytes."""
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.standard_normal((64, 32)).astype(np.float32) for _ in range(3))
+
+    def save(name, tensors):
+        inits = [onnx.numpy_helper.from_array(v, k) for k, v in tensors.items()]
+        out = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [64, 32])
+        node = onnx.helper.make_node("Sum", list(tensors), ["y"])
+        model = onnx.helper.make_model(onnx.helper.make_graph([node], name, [], [out], inits))
+        onnx.save(model, tmp_path / f"{name}.onnx", save_as_external_data=True, location=f"{name}.onnx.data",
+                  size_threshold=0)  # fmt: skip
+
+    save("decoder", {"w": a, "val_1": b})
+    save("encoder", {"w_copy": a, "val_1": c})
+    share_weights(tmp_path)
+    model = onnx.load(tmp_path / "encoder.onnx", load_external_data=False)
+    files = {t.name: location(t)[0] for t in model.graph.initializer}
+    assert files == {"w_copy": "decoder.onnx.data", "val_1": "encoder.onnx.data"}
+    assert (tmp_path / "encoder.onnx.data").stat().st_size == c.nbytes
+    loaded = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / "encoder.onnx").graph.initializer}
+    assert np.array_equal(loaded["w_copy"], a) and np.array_equal(loaded["val_1"], c)
 
 
 def test_sidecar_describes_the_graphs(fp32, tiny_checkpoint):

@@ -1,0 +1,85 @@
+"""One copy of the weights on disk for both graphs.
+
+torch.onnx writes each graph's large tensors to its own external-data file, so the decoder and the encoder would each
+store nearly all of the model (the embedding and every layer's weights; the encoder lacks only its last layer's
+feed-forward): about 95 GB at the real size instead of 50 (benchmarks/bench_export.py measures 3.3 GB per layer for
+the two files). `share_weights` points every encoder tensor whose bytes decoder.onnx.data already holds at that file,
+and rewrites encoder.onnx.data with the rest. Tensors are matched by content, never by name: the exporter names
+folded constants per graph (`val_261` in one is not `val_261` in the other). The ONNX external-data format allows
+any file and offset per tensor, and ONNX Runtime and the TensorRT parsers read it so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import onnx
+from onnx.external_data_helper import uses_external_data
+
+from .sidecar import ExportError
+
+CHUNK = 1 << 26  # bytes read at a time: a real expert bank is 1 GB
+
+
+def location(tensor: onnx.TensorProto) -> tuple[str, int, int]:
+    """(file, offset, length) of an external tensor."""
+    info = {kv.key: kv.value for kv in tensor.external_data}
+    return info["location"], int(info.get("offset", 0)), int(info["length"])
+
+
+def point(tensor: onnx.TensorProto, file: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    for key, value in (("location", file), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def chunks(path: Path, offset: int, length: int):
+    with path.open("rb") as f:
+        f.seek(offset)
+        while length > 0:
+            block = f.read(min(CHUNK, length))
+            if not block:
+                raise ExportError(f"{path} ends before offset {offset} + {length}")
+            length -= len(block)
+            yield block
+
+
+def digest(path: Path, offset: int, length: int) -> bytes:
+    h = hashlib.blake2b(digest_size=32)
+    for block in chunks(path, offset, length):
+        h.update(block)
+    return h.digest()
+
+
+def share_weights(folder: Path, owner: str = "decoder", sharer: str = "encoder") -> None:
+    """Rewrites `sharer`.onnx and its data file so that the tensors `owner`.onnx.data holds are read from there."""
+    stored = {}  # (length, content digest) -> (file, offset) in the owner's data
+    for tensor in onnx.load(folder / f"{owner}.onnx", load_external_data=False).graph.initializer:
+        if uses_external_data(tensor):
+            file, offset, length = location(tensor)
+            stored[length, digest(folder / file, offset, length)] = (file, offset)
+    path = folder / f"{sharer}.onnx"
+    model = onnx.load(path, load_external_data=False)
+    own, kept = f"{sharer}.onnx.data", folder / f"{sharer}.onnx.data.kept"
+    with kept.open("wb") as out:
+        for tensor in model.graph.initializer:
+            if not uses_external_data(tensor):
+                continue
+            file, offset, length = location(tensor)
+            shared = stored.get((length, digest(folder / file, offset, length)))
+            if shared is not None:
+                point(tensor, *shared, length)
+                continue
+            out.seek(-out.tell() % 64, 1)  # 64-byte aligned, as mapped readers prefer
+            start = out.tell()
+            for block in chunks(folder / file, offset, length):
+                out.write(block)
+            point(tensor, own, start, length)
+    if kept.stat().st_size:
+        kept.replace(folder / own)
+    else:  # every tensor is the owner's
+        kept.unlink()
+        (folder / own).unlink()
+    onnx.save(model, path)
