@@ -95,7 +95,7 @@ def generate_ids(
     stats.encoder_passes += 1
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     passes = torch.zeros(B, dtype=torch.long, device=device)
-    device_loop = DeviceLoop(model, B, cfg, seed) if device_loop else None
+    loop = DeviceLoop(model, B, cfg, seed) if device_loop else None
     out = [prompt]
     for k in range(canvases):
         if k > 0:
@@ -104,8 +104,8 @@ def generate_ids(
         canvas = draws.canvas(B, C, V, device)  # drawn even under a warm start, as transformers does
         if k == 0 and warm_start is not None:
             canvas = warm_start.to(device)
-        if device_loop is not None:
-            argmax = device_loop.denoise(canvas, cache, finished, passes, stats, k, on_draft)
+        if loop is not None:
+            argmax = loop.denoise(canvas, cache, finished, passes, stats, k, on_draft)
         else:
             argmax = _denoise(model, canvas, cache, cfg, draws, finished, passes, stats, k, reference, on_draft)
         committed, finished = finalize_canvas(argmax, finished, cfg)

@@ -311,6 +311,11 @@ def test_generate_reproduces_its_seed(triton_pipe, monkeypatch):
     assert again.stats.accepted_per_step == out.stats.accepted_per_step
 
 
+def test_reference_draws_take_the_pytorch_loop(triton_pipe):
+    with pytest.raises(ValueError, match="reference=True"):
+        triton_pipe.generate([5, 6, 7], max_new_tokens=8, reference=True, device_loop=True)
+
+
 def test_bad_arguments_are_refused(device):
     h, w, T = inputs(6, 40, 16, 2, device=device)
     with pytest.raises(ValueError, match="weight"):
