@@ -163,9 +163,7 @@ def main(argv=None):
                 speedup = f"{sdpa_best / p50:.2f}" if name == "ours" else ""
                 table.add_row(op, str(P), name, f"{p50:.3f}", f"{tflops:.0f}", f"{100 * tflops / ceiling:.0f}", speedup)
     prologue_rows(config, dtype, device, bandwidth, meta, rows, table)
-    append_rows(rows, args.out)
-    console.print(table)
-    console.print(f"{len(rows)} rows appended to {args.out}")
+    append_rows(rows, args.out, table, console)
 
 
 def prologue_rows(config, dtype, device, bandwidth, meta, rows, table):

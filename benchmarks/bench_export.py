@@ -120,9 +120,7 @@ def main(argv=None):
             for row in rows:
                 if row["op"] == op and row["shape"].startswith(f"layers={l1} "):
                     row["note"] += f"; linear in layers from {l0} and {l1}: ~{m1 + dm * (REAL_LAYERS - l1):.0f} GB peak"
-    append_rows(rows, args.out)
-    console.print(table)
-    console.print(f"{len(rows)} rows appended to {args.out}")
+    append_rows(rows, args.out, table, console)
 
 
 if __name__ == "__main__":

@@ -165,9 +165,7 @@ def main(argv=None):
                     bank, str(T), name, f"{times[0]:.3f}", str(hit), f"{gbps:.0f}", f"{100 * gbps / bandwidth:.0f}",
                     f"{err:.1e}", share,
                 )  # fmt: skip
-    append_rows(rows, args.out)
-    console.print(table)
-    console.print(f"{len(rows)} rows appended to {args.out}")
+    append_rows(rows, args.out, table, console)
 
 
 if __name__ == "__main__":

@@ -147,9 +147,7 @@ def main(argv=None):
                 str(R), name, f"{p50:.3f}", f"{p50 / floor_ms:.2f}", f"{peak:.0f}", f"{read / 1e9:.4g}",
                 f"{errors[0]:.1e} / {errors[1]:.1e}",
             )  # fmt: skip
-    append_rows(rows, args.out)
-    console.print(table)
-    console.print(f"{len(rows)} rows appended to {args.out}")
+    append_rows(rows, args.out, table, console)
 
 
 if __name__ == "__main__":

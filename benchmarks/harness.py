@@ -74,8 +74,9 @@ def result_row(meta: dict, *, op, provider, shape, dtype, times, unit, value, ce
     )  # fmt: skip
 
 
-def append_rows(rows: list[dict], path: Path = RESULTS) -> None:
-    """Appends rows (FIELDS keys) to the results CSV, writing the header for a new file."""
+def append_rows(rows: list[dict], path: Path, table, console) -> None:
+    """Appends rows (FIELDS keys) to the results CSV, writing the header for a new file, then prints the run's table
+    and where the rows went."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with path.open("a", newline="") as f:
@@ -83,3 +84,5 @@ def append_rows(rows: list[dict], path: Path = RESULTS) -> None:
         if new:
             writer.writeheader()
         writer.writerows(rows)
+    console.print(table)
+    console.print(f"{len(rows)} rows appended to {path}")
