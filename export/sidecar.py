@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ExportError
 from ..model.checkpoint import IGNORED_PREFIXES, read_config, weight_files
 from ..model.config import FULL, SLIDING, Config
 
@@ -28,10 +29,6 @@ FORMAT = 1  # bumped when the schema changes incompatibly
 GRAPHS = ("decoder", "encoder")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SHORT = {FULL: "full", SLIDING: "sliding"}  # layer type -> the suffix of its mask input and prefix dimension
-
-
-class ExportError(ValueError):
-    pass
 
 
 def fingerprint(folder: str | Path) -> str:

@@ -24,16 +24,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..errors import CheckpointError
 from .config import Config
 from .model import DiffusionGemma, Experts
 
 IGNORED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 EXPERT_BANKS = ("experts.gate_up_proj", "experts.down_proj")  # what expert_dtype="fp8" quantizes
 LOAD_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # the dtypes a model loads in (the CLIs' --dtype)
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def checkpoint_name(name: str) -> str:
