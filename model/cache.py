@@ -14,16 +14,23 @@ from __future__ import annotations
 
 import torch
 
-from .config import FULL, SLIDING, Config
+from ..errors import DgemmaError
+from .config import FULL, SLIDING, WINDOW_MODES, Config, is_int
 
-WINDOW_MODES = ("shared", "per_token")
 UNBOUNDED = 2**30  # a band edge that no position reaches; fits the kernels' int32 arithmetic
 
 
 class KVCache:
     def __init__(self, config: Config, batch: int, max_len: int, *, dtype, device, window: str = "shared"):
         if window not in WINDOW_MODES:
-            raise ValueError(f"window must be one of {WINDOW_MODES}, not {window!r}")
+            raise DgemmaError(f"window must be one of {WINDOW_MODES}, not {window!r}")
+        if not is_int(batch) or batch < 1:
+            raise DgemmaError(f"a cache holds at least one row, not batch={batch!r}")
+        if not is_int(max_len) or not 0 < max_len <= config.max_position_embeddings:
+            raise DgemmaError(
+                f"a cache holds 1 to {config.max_position_embeddings} positions (max_position_embeddings), "
+                f"not max_len={max_len!r}"
+            )
         self.config, self.batch, self.max_len, self.window = config, batch, max_len, window
         self.chunk = config.canvas_length
         self.length = 0  # committed tokens
@@ -40,9 +47,9 @@ class KVCache:
     def stage(self, T: int, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Claims the slots of positions [length, length + T); returns their indices per layer type."""
         if T > self.chunk:
-            raise ValueError(f"a chunk of {T} tokens exceeds the cache's chunk size {self.chunk}")
+            raise DgemmaError(f"a chunk of {T} tokens exceeds the cache's chunk size {self.chunk}")
         if self.length + T > self.max_len:
-            raise ValueError(f"cache of {self.max_len} positions is full ({self.length} committed + {T})")
+            raise DgemmaError(f"cache of {self.max_len} positions is full ({self.length} committed + {T})")
         device = self.pos[FULL].device
         positions = torch.arange(self.length, self.length + T, device=device)
         valid = torch.ones(self.batch, T, dtype=torch.bool, device=device) if valid is None else valid.bool()

@@ -24,13 +24,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..errors import CheckpointError
-from .config import Config
+from ..errors import CheckpointError, DgemmaError
+from .config import DTYPES, Config
+from .device import resolve_device
 from .model import DiffusionGemma, Experts
 
 IGNORED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 EXPERT_BANKS = ("experts.gate_up_proj", "experts.down_proj")  # what expert_dtype="fp8" quantizes
-LOAD_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # the dtypes a model loads in (the CLIs' --dtype)
+LOAD_DTYPES = dict(zip(DTYPES, (torch.bfloat16, torch.float32), strict=True))  # the dtypes a model loads in
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")  # safetensors dtypes a weight may be stored in
+JSON_LIMIT = 64 << 20  # bytes: a config is kB, the real tokenizer.json 30 MB
 
 
 def checkpoint_name(name: str) -> str:
@@ -41,17 +44,35 @@ def checkpoint_name(name: str) -> str:
     return f"model.decoder.{name}"
 
 
+def read_json(path: Path, error: type[DgemmaError] = CheckpointError, limit: int = JSON_LIMIT):
+    """The value of a JSON file; a file that is too large, not UTF-8, not JSON or nested too deeply raises `error`
+    naming it. Operating-system errors (a missing file, no permission) pass through: they name the path."""
+    if (size := path.stat().st_size) > limit:
+        raise error(f"{path} is {size} bytes; a JSON file here is at most {limit}")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not UTF-8 text: {e}") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise error(f"{path} is not valid JSON: {e}") from e
+
+
 def weight_files(folder: Path) -> dict[str, Path]:
-    """Checkpoint tensor name -> the safetensors file that holds it."""
+    """Checkpoint tensor name -> the safetensors file that holds it (a file inside `folder`)."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        raw = read_json(index)
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+        if escaping := sorted({v for v in weight_map.values() if Path(v).name != v or v in ("", ".", "..")}):
+            raise CheckpointError(f"{index} names shards outside {folder}: {escaping[:4]}")
         files = {name: folder / shard for name, shard in weight_map.items()}
-        if absent := sorted({str(p) for p in files.values() if not p.exists()}):
+        if absent := sorted({str(p) for p in files.values() if not p.is_file()}):
             raise CheckpointError(f"{index} lists shards that do not exist: {absent}")
         return files
     single = folder / "model.safetensors"
-    if not single.exists():
+    if not single.is_file():
         raise CheckpointError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
     with _open(single) as f:
         return dict.fromkeys(f.keys(), single)
@@ -66,21 +87,35 @@ def _open(path: Path):
 
 def _shape(handle, name: str, path: Path) -> tuple[int, ...]:
     try:
-        return tuple(handle.get_slice(name).get_shape())
+        found = handle.get_slice(name)
+        shape, dtype = tuple(found.get_shape()), found.get_dtype()
     except SafetensorError as e:
         raise CheckpointError(f"{path} does not hold {name}, which the index assigns to it") from e
+    if dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{name} in {path} is stored as {dtype}, not a floating-point type ({FLOAT_DTYPES})")
+    return shape
 
 
 def read_config(folder: str | Path) -> Config:
+    """config.json, checked: every field that cannot describe this model is a CheckpointError naming it."""
     path = Path(folder) / "config.json"
-    if not path.exists():
+    if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
-    return Config.from_json(path)
+    raw = read_json(path)
+    try:
+        return Config.from_dict(raw)
+    except DgemmaError as e:
+        raise CheckpointError(f"{path}: {e}") from e
 
 
 def read_generation_config(folder: str | Path) -> dict:
+    """generation_config.json as a dict ({} without one); runtime.SamplingConfig checks its values."""
     path = Path(folder) / "generation_config.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    if not isinstance(raw := read_json(path), dict):
+        raise CheckpointError(f"{path} holds a JSON {type(raw).__name__}, not an object")
+    return raw
 
 
 def load_model(
@@ -92,9 +127,10 @@ def load_model(
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a checkpoint folder")
     if dtype not in LOAD_DTYPES.values():
-        raise ValueError(f"dtype must be torch.bfloat16 or torch.float32, not {dtype}")
+        raise DgemmaError(f"dtype must be torch.bfloat16 or torch.float32, not {dtype}")
     if expert_dtype not in (None, "fp8"):
-        raise ValueError(f"expert_dtype must be None or 'fp8', not {expert_dtype!r}")
+        raise DgemmaError(f"expert_dtype must be None or 'fp8', not {expert_dtype!r}")
+    device = resolve_device(device)
     config = read_config(folder)
     with torch.device("meta"):
         model = DiffusionGemma(config, window=window, backend=backend)

@@ -1,12 +1,26 @@
-"""The text-model config: one dataclass with the Hugging Face field names, read from a checkpoint's config.json."""
+"""The text-model config: one dataclass with the Hugging Face field names, read from a checkpoint's config.json.
+
+Also the names of the choices a model is built with (layer types, window modes, backends, load dtypes), here
+because this module imports nothing heavy: the command line builds its options from them without importing torch.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ..errors import DgemmaError
+
 SLIDING, FULL = "sliding_attention", "full_attention"
+WINDOW_MODES = ("shared", "per_token")  # the decoder's sliding window over the committed prefix (cache.py)
+BACKENDS = ("torch", "triton")  # triton: the fused kernels of dgemma.kernels (a CUDA device, or TRITON_INTERPRET=1)
+ENGINE_BACKENDS = ("onnxruntime", "tensorrt")  # exported graphs run by runtime/engine.py
+DTYPES = ("bf16", "fp32")  # what a checkpoint loads in
+MODEL_TYPES = ("diffusion_gemma", "diffusion_gemma_text")  # config.json's model_type, top level and text_config
+TOKEN_FIELDS = ("pad_token_id", "eos_token_id", "bos_token_id")  # ids in [0, vocab_size), eos also a list
+INT_LIMIT = 2**30  # sizes and positions stay below the kernels' int32 arithmetic (cache.UNBOUNDED)
 
 
 def _default_rope() -> dict:
@@ -43,20 +57,57 @@ class Config:
     canvas_length: int = 256  # top-level field of config.json: the block length of block diffusion
 
     def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and f.name not in TOKEN_FIELDS and not (is_int(value) and 0 < value < INT_LIMIT):
+                raise DgemmaError(f"{f.name} must be a positive integer below 2**30, not {value!r}")
+        for name in ("rms_norm_eps", "final_logit_softcapping"):
+            if not is_number(value := getattr(self, name)) or not 0 < value < math.inf:
+                raise DgemmaError(f"{name} must be a positive finite number, not {value!r}")
+        for name in TOKEN_FIELDS:
+            ids = value if isinstance(value := getattr(self, name), list) else [value]
+            if not ids or not all(is_int(i) and 0 <= i < self.vocab_size for i in ids):
+                raise DgemmaError(f"{name} must be token ids in [0, vocab_size {self.vocab_size}), not {ids!r}")
+        if not isinstance(self.layer_types, list) or not all(isinstance(t, str) for t in self.layer_types):
+            raise DgemmaError(f"layer_types must be a list of layer type names, not {self.layer_types!r}")
         if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+            raise DgemmaError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
         if unknown := set(self.layer_types) - {SLIDING, FULL}:
-            raise ValueError(f"unknown layer types {sorted(unknown)}")
+            raise DgemmaError(f"unknown layer types {sorted(unknown)}")
         if self.layer_types[-1] != FULL:
-            raise ValueError("the last layer must be full_attention (transformers silently forces it)")
+            raise DgemmaError("the last layer must be full_attention (transformers silently forces it)")
         if self.hidden_activation != "gelu_pytorch_tanh":
-            raise ValueError(f"hidden_activation {self.hidden_activation!r} is not supported (gelu_pytorch_tanh)")
+            raise DgemmaError(f"hidden_activation {self.hidden_activation!r} is not supported (gelu_pytorch_tanh)")
+        if self.top_k_experts > self.num_experts:
+            raise DgemmaError(f"top_k_experts {self.top_k_experts} exceeds num_experts {self.num_experts}")
+        if self.canvas_length > self.max_position_embeddings:
+            raise DgemmaError(
+                f"canvas_length {self.canvas_length} exceeds max_position_embeddings {self.max_position_embeddings}"
+            )
+        if not isinstance(self.rope_parameters, dict):
+            raise DgemmaError(f"rope_parameters must be an object per layer type, not {self.rope_parameters!r}")
         for kind in set(self.layer_types):
-            rope_type = self.rope_parameters[kind]["rope_type"]
-            if rope_type not in ("default", "proportional"):
-                raise ValueError(f"rope_type {rope_type!r} for {kind} is not supported")
+            self._check_rope(kind)
+            if self.head_dim_of(kind) % 2:
+                raise DgemmaError(f"the {kind} head dim {self.head_dim_of(kind)} must be even (split-half RoPE)")
             if self.num_attention_heads % self.num_kv_heads(kind):
-                raise ValueError(f"{self.num_attention_heads} query heads do not group over {kind} KV heads")
+                raise DgemmaError(f"{self.num_attention_heads} query heads do not group over {kind} KV heads")
+
+    def _check_rope(self, kind: str) -> None:
+        rope = self.rope_parameters.get(kind)
+        if not isinstance(rope, dict):
+            raise DgemmaError(f"rope_parameters has no object for {kind}")
+        if rope.get("rope_type") not in ("default", "proportional"):
+            raise DgemmaError(
+                f"rope_type {rope.get('rope_type')!r} for {kind} is not supported (default, proportional)"
+            )
+        for name, default, upper in (("rope_theta", None, math.inf), ("factor", 1.0, math.inf)):
+            value = rope.get(name, default)
+            if not is_number(value) or not 0 < value < upper:
+                raise DgemmaError(f"rope_parameters.{kind}.{name} must be a positive finite number, not {value!r}")
+        factor = rope.get("partial_rotary_factor", 1.0)
+        if not is_number(factor) or not 0 < factor <= 1:
+            raise DgemmaError(f"rope_parameters.{kind}.partial_rotary_factor must be in (0, 1], not {factor!r}")
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == SLIDING
@@ -97,27 +148,32 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict) -> Config:
-        """Accepts the top-level config.json (text_config inside) or a bare text config."""
-        text = dict(raw.get("text_config", raw))
+        """Accepts the top-level config.json (text_config inside) or a bare text config; raises DgemmaError naming
+        the field for anything that cannot describe this model."""
+        if not isinstance(raw, dict):
+            raise DgemmaError(f"a config is a JSON object, not {type(raw).__name__}")
+        if not isinstance(text := raw.get("text_config", raw), dict):
+            raise DgemmaError(f"text_config is a JSON object, not {type(text).__name__}")
+        text = dict(text)
+        for where in (raw, text):
+            if where.get("model_type", MODEL_TYPES[0]) not in MODEL_TYPES:
+                raise DgemmaError(
+                    f"model_type {where['model_type']!r} is not DiffusionGemma's ({', '.join(MODEL_TYPES)})"
+                )
         canvas_length = raw.get("canvas_length", 256)
         if text.get("use_bidirectional_attention") == "all":
-            raise ValueError("use_bidirectional_attention='all' (a bidirectional encoder) is not DiffusionGemma's")
-        # Transformers re-saves the two global-layer fields as per-layer overrides of the full layers.
-        if per_layer := text.pop("per_layer_config", None):
-            overrides = {json.dumps(v, sort_keys=True) for v in per_layer.values()}
-            layers = {int(i) for i in per_layer}
-            full = {i for i, kind in enumerate(text["layer_types"]) if kind == FULL}
-            if len(overrides) != 1 or layers != full:
-                raise ValueError(f"per_layer_config must override exactly the full layers, uniformly: {per_layer}")
-            override = next(iter(per_layer.values()))
-            text["global_head_dim"] = override.get("head_dim", text.get("head_dim"))
-            text["num_global_key_value_heads"] = override.get("num_key_value_heads", text["num_key_value_heads"])
-        elif text.get("num_global_key_value_heads") is None:
-            text["num_global_key_value_heads"] = text["num_key_value_heads"]
-        known = set(cls.__dataclass_fields__)
+            raise DgemmaError("use_bidirectional_attention='all' (a bidirectional encoder) is not DiffusionGemma's")
         missing = {"vocab_size", "hidden_size", "num_hidden_layers", "layer_types", "head_dim"} - set(text)
         if missing:
-            raise ValueError(f"config is missing {sorted(missing)}")
+            raise DgemmaError(f"config is missing {sorted(missing)}")
+        # Transformers re-saves the two global-layer fields as per-layer overrides of the full layers.
+        if per_layer := text.pop("per_layer_config", None):
+            override = _per_layer_override(per_layer, text["layer_types"])
+            text["global_head_dim"] = override.get("head_dim", text.get("head_dim"))
+            text["num_global_key_value_heads"] = override.get("num_key_value_heads", text.get("num_key_value_heads"))
+        elif text.get("num_global_key_value_heads") is None:
+            text["num_global_key_value_heads"] = text.get("num_key_value_heads", cls.num_key_value_heads)
+        known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in text.items() if k in known}, canvas_length=canvas_length)
 
     @classmethod
@@ -129,3 +185,25 @@ class Config:
         values = asdict(self)
         values.pop("canvas_length")
         return values | {"use_bidirectional_attention": "vision", "tie_word_embeddings": True}
+
+
+def is_int(value) -> bool:
+    """An int that is not a bool (JSON's true would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _per_layer_override(per_layer, layer_types) -> dict:
+    """The one override transformers' per_layer_config applies to every full layer, and to nothing else."""
+    if not isinstance(per_layer, dict) or not all(isinstance(v, dict) for v in per_layer.values()):
+        raise DgemmaError(f"per_layer_config must map layer indices to objects, not {per_layer!r}")
+    if not isinstance(layer_types, list) or not all(str(i).isdecimal() for i in per_layer):
+        raise DgemmaError(f"per_layer_config must override exactly the full layers, uniformly: {per_layer}")
+    overrides = {json.dumps(v, sort_keys=True) for v in per_layer.values()}
+    full = {i for i, kind in enumerate(layer_types) if kind == FULL}
+    if len(overrides) != 1 or {int(i) for i in per_layer} != full:
+        raise DgemmaError(f"per_layer_config must override exactly the full layers, uniformly: {per_layer}")
+    return next(iter(per_layer.values()))

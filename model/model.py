@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import WINDOW_MODES, KVCache
-from .config import SLIDING, Config
-
-BACKENDS = ("torch", "triton")  # triton: the fused kernels of dgemma.kernels (a CUDA device, or TRITON_INTERPRET=1)
+from ..errors import DgemmaError
+from .cache import KVCache
+from .config import BACKENDS, SLIDING, WINDOW_MODES, Config
+from .device import resolve_device
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -250,9 +250,9 @@ class DiffusionGemma(nn.Module):
     def __init__(self, config: Config, window: str = "shared", backend: str = "torch"):
         super().__init__()
         if window not in WINDOW_MODES:
-            raise ValueError(f"window must be one of {WINDOW_MODES}, not {window!r}")
+            raise DgemmaError(f"window must be one of {WINDOW_MODES}, not {window!r}")
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+            raise DgemmaError(f"backend must be one of {BACKENDS}, not {backend!r}")
         self.config, self.window, self.backend = config, window, backend
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)  # tied LM head
         self.layers = nn.ModuleList(Layer(config, i, backend) for i in range(config.num_hidden_layers))
@@ -270,7 +270,8 @@ class DiffusionGemma(nn.Module):
         from .checkpoint import load_model
 
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+            raise DgemmaError(f"backend must be one of {BACKENDS}, not {backend!r}")
+        device = resolve_device(device)
         if backend == "triton":
             from ..kernels import require_triton
 
@@ -319,6 +320,10 @@ class DiffusionGemma(nn.Module):
     @torch.no_grad()
     def encode(self, ids, cache: KVCache, attention_mask=None):
         """Causal pass that commits `ids` (B, T) to the cache, in chunks of the canvas length; returns (B, T, D)."""
+        check_ids(ids, self.config.vocab_size, cache, "ids")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
+            shapes = f"attention_mask {tuple(attention_mask.shape)}, ids {tuple(ids.shape)}"
+            raise DgemmaError(f"the attention mask must have the shape of the ids: {shapes}")
         out = []
         for start in range(0, ids.shape[1], cache.chunk):
             chunk = ids[:, start : start + cache.chunk]
@@ -332,7 +337,9 @@ class DiffusionGemma(nn.Module):
         """Bidirectional pass over the canvas (B, C) after the committed prefix -> fp32 soft-capped logits (B, C, V).
 
         `self_conditioning` is the previous step's processed (temperature-scaled) logits; None at a canvas's first step.
+        Checks the ids (one host sync); the generation loops' own passes go through `denoise_hidden`, which does not.
         """
+        check_ids(canvas_ids, self.config.vocab_size, cache, "canvas_ids")
         soft = None if self_conditioning is None else self.soft_embedding(self_conditioning)
         return self.logits(self.denoise_hidden(canvas_ids, cache, soft))
 
@@ -349,3 +356,16 @@ class DiffusionGemma(nn.Module):
     def logits(self, h):
         cap = self.config.final_logit_softcapping
         return cap * torch.tanh(F.linear(h, self.embed_tokens.weight).float() / cap)
+
+
+def check_ids(ids, vocab_size: int, cache: KVCache, what: str) -> None:
+    """Token ids (B, T) from outside the model: an integer tensor of the cache's batch, every id a token. On a GPU an
+    out-of-range id would be a device-side assert that poisons the process, so it is refused here (one host sync)."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        found = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise DgemmaError(f"{what} must be an integer tensor (batch, tokens), not {found}")
+    if ids.shape[0] != cache.batch or ids.shape[1] == 0:
+        raise DgemmaError(f"{what} {tuple(ids.shape)} must hold {cache.batch} row(s) (the cache's batch) of tokens")
+    low, high = ids.aminmax()
+    if low < 0 or high >= vocab_size:
+        raise DgemmaError(f"{what} holds token ids outside [0, {vocab_size}): {low.item()} to {high.item()}")

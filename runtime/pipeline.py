@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError, DgemmaError
 from ..model.checkpoint import read_generation_config
-from ..model.model import DiffusionGemma
+from ..model.config import BACKENDS, ENGINE_BACKENDS, is_int
+from ..model.model import DiffusionGemma, check_ids
 from ..model.tokenizer import Tokenizer
-from .engine import ENGINE_BACKENDS, EngineModel
+from .engine import EngineModel
 from .engine import load as load_engine
 from .sampler import (
     SamplingConfig,
@@ -83,13 +85,27 @@ def generate_ids(
     if device_loop is None:
         device_loop = not reference and model.backend in ("triton", "tensorrt")
     if device_loop and reference:
-        raise ValueError("reference=True draws as transformers does, in the PyTorch loop: it takes no device_loop")
+        raise DgemmaError("reference=True draws as transformers does, in the PyTorch loop: it takes no device_loop")
+    if not is_int(seed) or not 0 <= seed < 2**63:
+        raise DgemmaError(f"seed must be an integer in [0, 2**63), not {seed!r}")
     start = time.perf_counter()
-    B, P = prompt.shape
-    C, V, device = model.config.canvas_length, model.config.vocab_size, prompt.device
+    C, V, positions = model.config.canvas_length, model.config.vocab_size, model.config.max_position_embeddings
+    cfg.check_vocabulary(V)
+    B, P = check_prompt(prompt, attention_mask, V)
     canvases = math.ceil(cfg.max_new_tokens / C)
+    if P + canvases * C > positions:  # before anything is allocated: a huge max_new_tokens is an error, not an OOM
+        raise DgemmaError(
+            f"a prompt of {P} tokens and {canvases} canvas(es) of {C} for max_new_tokens={cfg.max_new_tokens} need "
+            f"{P + canvases * C} positions; the model has {positions} (max_position_embeddings)"
+        )
+    device = prompt.device
+    if warm_start is not None and (not isinstance(warm_start, torch.Tensor) or warm_start.shape != (B, C)):
+        found = tuple(warm_start.shape) if isinstance(warm_start, torch.Tensor) else type(warm_start).__name__
+        raise DgemmaError(f"warm_start must be a tensor of {B} row(s) of {C} token ids (the canvas), not {found}")
     draws = TorchDraws() if reference else SeededDraws(seed, device)
     cache = model.new_cache(B, P + canvases * C)
+    if warm_start is not None:
+        check_ids(warm_start, V, cache, "warm_start")
     stats = Stats()
     model.encode(prompt, cache, attention_mask)
     stats.encoder_passes += 1
@@ -121,6 +137,24 @@ def generate_ids(
     stats.new_tokens = int(valid.sum())
     stats.seconds = time.perf_counter() - start
     return sequences, stats
+
+
+def check_prompt(prompt, attention_mask, vocab_size: int) -> tuple[int, int]:
+    """A (B, P) integer prompt of in-vocabulary ids, each row with at least one real token -> (B, P)."""
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.dtype not in (torch.int64, torch.int32):
+        found = f"{prompt.dtype} {tuple(prompt.shape)}" if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+        raise DgemmaError(f"the prompt must be an integer tensor (batch, tokens), not {found}")
+    B, P = prompt.shape
+    if B == 0 or P == 0:
+        raise DgemmaError(f"the prompt {B, P} is empty")
+    if (low := int(prompt.min())) < 0 or (high := int(prompt.max())) >= vocab_size:
+        raise DgemmaError(f"the prompt holds token ids outside [0, {vocab_size}): {low} to {high}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != prompt.shape:
+            raise DgemmaError(f"attention_mask must be a tensor of the prompt's shape {B, P}")
+        if not attention_mask.bool().any(-1).all():
+            raise DgemmaError("every prompt row needs at least one token the attention mask keeps")
+    return B, P
 
 
 def _denoise(model, canvas, cache, cfg, draws, finished, passes, stats, k, reference, on_draft) -> torch.Tensor:
@@ -236,6 +270,17 @@ class DeviceLoop:
         return state.argmax
 
 
+def as_canvas(ids, rows: int, C: int, device) -> torch.Tensor:
+    """Token ids for a canvas per row: (C,) or (rows, C), a tensor or nested lists -> (rows, C) int64."""
+    try:
+        ids = torch.as_tensor(ids, device=device)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise DgemmaError(f"a canvas is a list or tensor of token ids: {e}") from e
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.numel() != rows * C:
+        raise DgemmaError(f"a canvas holds {rows} row(s) of {C} token ids, not {ids.dtype} {tuple(ids.shape)}")
+    return ids.long().view(rows, C)
+
+
 @dataclass
 class Generation:
     sequences: torch.Tensor  # (B, P + k*C): prompt, then the committed canvases (pad after a stop id)
@@ -260,14 +305,21 @@ class Pipeline:
     ):
         """backend "onnxruntime" or "tensorrt" runs the graphs in `engine`, a folder written by `dgemma export`, checked
         against this checkpoint (runtime/engine.py); their dtype is the export's, not `dtype`."""
+        if backend not in BACKENDS + ENGINE_BACKENDS:
+            raise DgemmaError(f"backend must be one of {BACKENDS + ENGINE_BACKENDS}, not {backend!r}")
         if engine is not None and backend not in ENGINE_BACKENDS:
-            raise ValueError(f"engine={engine!r} is for backend 'onnxruntime' or 'tensorrt', not {backend!r}")
+            raise DgemmaError(f"engine={engine!r} is for backend 'onnxruntime' or 'tensorrt', not {backend!r}")
+        generation = read_generation_config(path)
+        try:  # checked once, here, so a bad file names itself instead of failing in the first generate
+            SamplingConfig.from_generation_config(generation)
+        except DgemmaError as e:
+            raise CheckpointError(f"{Path(path) / 'generation_config.json'}: {e}") from e
         if backend in ENGINE_BACKENDS:
             model = load_engine(path, engine, backend=backend, device=device, window=window)
         else:
             model = DiffusionGemma.from_pretrained(path, dtype=dtype, device=device, backend=backend, window=window)
         tokenizer = Tokenizer.from_pretrained(path) if (Path(path) / "tokenizer.json").exists() else None
-        return cls(model, tokenizer, read_generation_config(path))
+        return cls(model, tokenizer, generation)
 
     def sampling_config(self, **overrides) -> SamplingConfig:
         return SamplingConfig.from_generation_config(self.generation, **overrides)
@@ -275,25 +327,45 @@ class Pipeline:
     def prompt_ids(self, prompt, *, chat: bool = True, thinking: bool = False) -> list[list[int]]:
         """str, chat messages, a list of either (a batch), or token ids -> one id list per row."""
         if isinstance(prompt, torch.Tensor):
+            if prompt.dim() not in (1, 2) or prompt.numel() == 0 or prompt.is_floating_point() or prompt.is_complex():
+                raise DgemmaError(f"a prompt tensor holds token ids (tokens) or (batch, tokens), not {prompt.dtype} "
+                                  f"{tuple(prompt.shape)}")  # fmt: skip
             return prompt.view(-1, prompt.shape[-1]).tolist()
         if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)):
             prompt = [prompt]
+        if not isinstance(prompt, list):
+            raise DgemmaError(f"a prompt is a str, chat messages, token ids or a list of them, not {prompt!r}")
         if not prompt:
-            raise ValueError("empty prompt")
-        if all(isinstance(t, int) for t in prompt):
+            raise DgemmaError("empty prompt")
+        if all(is_int(t) for t in prompt):
             return [list(prompt)]
         rows = []
         for item in prompt:
-            if isinstance(item, list) and all(isinstance(t, int) for t in item):
+            if isinstance(item, list) and item and all(is_int(t) for t in item):
                 rows.append(list(item))
                 continue
+            if not isinstance(item, (str, list)):
+                raise DgemmaError(f"a prompt row is a str, chat messages or token ids, not {type(item).__name__}")
             if self.tokenizer is None:
-                raise ValueError("this checkpoint has no tokenizer.json: pass token ids")
+                raise DgemmaError("this checkpoint has no tokenizer.json: pass token ids")
+            self.check_length(item)
             messages = [{"role": "user", "content": item}] if isinstance(item, str) else item
             rows.append(self.tokenizer.chat(messages, thinking=thinking) if chat else self.tokenizer.encode(item))
         if any(not row for row in rows):
-            raise ValueError("empty prompt")
+            raise DgemmaError("empty prompt")
         return rows
+
+    def check_length(self, item) -> None:
+        """Refuses text that cannot fit the model's positions before tokenizing it (which alone could take minutes):
+        no token covers more characters than the tokenizer's longest one."""
+        messages = [] if isinstance(item, str) else [m for m in item if isinstance(m, dict)]
+        chars = len(item) if isinstance(item, str) else sum(len(str(m.get("content", ""))) for m in messages)
+        limit = self.model.config.max_position_embeddings * self.tokenizer.max_token_chars
+        if chars > limit:
+            raise DgemmaError(
+                f"the prompt has {chars} characters, more than {self.model.config.max_position_embeddings} tokens "
+                f"(max_position_embeddings) can hold ({limit} at most)"
+            )
 
     def generate(
         self,
@@ -315,11 +387,11 @@ class Pipeline:
         rows = self.prompt_ids(prompt, chat=chat, thinking=thinking)
         P, device = max(map(len, rows)), self.model.device
         if any(t < 0 or t >= self.model.config.vocab_size for row in rows for t in row):
-            raise ValueError(f"token ids must lie in [0, {self.model.config.vocab_size})")
+            raise DgemmaError(f"token ids must lie in [0, {self.model.config.vocab_size})")
         ids = torch.tensor([[cfg.pad_id] * (P - len(r)) + r for r in rows], device=device)  # left padding
         mask = torch.tensor([[False] * (P - len(r)) + [True] * len(r) for r in rows], device=device)
         if warm_start is not None:
-            warm_start = torch.as_tensor(warm_start, device=device).view(len(rows), self.model.config.canvas_length)
+            warm_start = as_canvas(warm_start, len(rows), self.model.config.canvas_length, device)
         sequences, stats = generate_ids(
             self.model,
             ids,

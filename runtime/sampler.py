@@ -11,9 +11,15 @@ Legend: B batch, C canvas positions, V vocabulary.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
+
+from ..errors import DgemmaError
+from ..model.config import is_int, is_number
+
+MAX_DENOISING_STEPS = 4096  # a canvas converges in tens of steps; the cap keeps a typo from running for hours
 
 
 @dataclass
@@ -29,27 +35,53 @@ class SamplingConfig:
     pad_id: int = 0
 
     def __post_init__(self):
-        self.stop_ids = tuple(self.stop_ids)
-        if self.max_new_tokens <= 0 or self.max_denoising_steps <= 0:
-            raise ValueError("max_new_tokens and max_denoising_steps must be positive")
+        """Refuses, naming the field, any value the loop cannot run with (types, ranges, NaN and infinities)."""
+        for name in ("max_new_tokens", "max_denoising_steps", "stability_threshold", "pad_id"):
+            if not is_int(value := getattr(self, name)) or value < 0:
+                raise DgemmaError(f"{name} must be a non-negative integer, not {value!r}")
+        for name in ("t_min", "t_max", "entropy_bound", "confidence_threshold"):
+            if not is_number(value := getattr(self, name)) or not math.isfinite(value):
+                raise DgemmaError(f"{name} must be a finite number, not {value!r}")
+        stop_ids = self.stop_ids if isinstance(self.stop_ids, (list, tuple)) else None
+        if stop_ids is None or not all(is_int(i) and i >= 0 for i in stop_ids):
+            raise DgemmaError(f"stop_ids must be a list of token ids, not {self.stop_ids!r}")
+        self.stop_ids = tuple(stop_ids)
+        if self.max_new_tokens == 0:
+            raise DgemmaError("max_new_tokens must be positive")
+        if not 0 < self.max_denoising_steps <= MAX_DENOISING_STEPS:
+            raise DgemmaError(
+                f"max_denoising_steps must be in [1, {MAX_DENOISING_STEPS}], not {self.max_denoising_steps}"
+            )
         if not 0 <= self.t_min < self.t_max:
-            raise ValueError(f"need 0 <= t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}")
+            raise DgemmaError(f"need 0 <= t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}")
         if self.entropy_bound <= 0:
-            raise ValueError(f"entropy_bound must be > 0, got {self.entropy_bound}")
-        if self.stability_threshold < 0 or self.confidence_threshold < 0:
-            raise ValueError("stability_threshold and confidence_threshold must be >= 0")
+            raise DgemmaError(f"entropy_bound must be > 0, got {self.entropy_bound}")
+        if self.confidence_threshold < 0:
+            raise DgemmaError(f"confidence_threshold must be >= 0, got {self.confidence_threshold}")
 
     @classmethod
     def from_generation_config(cls, generation: dict, **overrides) -> SamplingConfig:
         """Precedence: explicit overrides, then the checkpoint's generation_config.json, then the defaults above."""
+        if not isinstance(generation, dict):
+            raise DgemmaError(f"a generation config is a JSON object, not {type(generation).__name__}")
+        if unknown := sorted(set(overrides) - {f.name for f in fields(cls)}):
+            raise DgemmaError(f"unknown sampling parameters {unknown}; known: {[f.name for f in fields(cls)]}")
         values = {k: generation[k] for k in (f.name for f in fields(cls)) if generation.get(k) is not None}
-        if (sampler := generation.get("sampler_config")) and sampler.get("entropy_bound") is not None:
+        if (sampler := generation.get("sampler_config")) is not None and not isinstance(sampler, dict):
+            raise DgemmaError(f"sampler_config is a JSON object, not {type(sampler).__name__}")
+        if sampler and sampler.get("entropy_bound") is not None:
             values["entropy_bound"] = sampler["entropy_bound"]
         if (eos := generation.get("eos_token_id")) is not None:
             values["stop_ids"] = eos if isinstance(eos, list) else [eos]
         if generation.get("pad_token_id") is not None:
             values["pad_id"] = generation["pad_token_id"]
         return cls(**(values | {k: v for k, v in overrides.items() if v is not None}))
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """The stop and pad ids must be tokens of the model."""
+        for name, ids in (("stop_ids", self.stop_ids), ("pad_id", (self.pad_id,))):
+            if any(i >= vocab_size for i in ids):
+                raise DgemmaError(f"{name} {ids} lie outside the vocabulary of {vocab_size} tokens")
 
 
 def temperature(remaining: int, cfg: SamplingConfig) -> torch.Tensor:

@@ -1,5 +1,6 @@
 import pytest
 
+from dgemma.errors import DgemmaError
 from dgemma.model.tokenizer import Tokenizer, format_chat
 
 from tiny_tokenizer import SPECIAL, VOCAB_SIZE, build_tiny_tokenizer
@@ -125,7 +126,7 @@ def test_unknown_token(tok):
     [
         ([], ValueError),
         ([{"role": "tool", "content": "x"}], ValueError),
-        ([{"role": "user", "content": ["x"]}], TypeError),
+        ([{"role": "user", "content": ["x"]}], DgemmaError),  # the project's own ValueError
     ],
 )
 def test_bad_messages(tok, messages, error):
