@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import DgemmaError
 from ..model.model import DiffusionGemma
 from . import sudoku
 from .pipeline import Pipeline
@@ -22,20 +23,28 @@ def shipped(n: int, baseline: bool = False) -> Path:
     path = MODELS / f"sudoku-{n}x{n}{'-ar' if baseline else ''}"
     if not (path / "config.json").exists():
         kinds = sorted(p.name for p in MODELS.glob("sudoku-*"))
-        raise FileNotFoundError(f"no shipped model for {n}x{n} puzzles (shipped: {kinds}); pass --model DIR")
+        raise DgemmaError(f"no shipped model for {n}x{n} puzzles (shipped: {kinds}); pass --model DIR")
     return path
 
 
 def check_size(model: DiffusionGemma, n: int) -> None:
     if model.config.canvas_length != n * n + 1:
-        raise ValueError(f"the model's canvas holds {model.config.canvas_length} tokens, not a {n}x{n} answer + <eos>")
+        raise DgemmaError(f"the model's canvas holds {model.config.canvas_length} tokens, not a {n}x{n} answer + <eos>")
+
+
+def check_puzzles(model: DiffusionGemma, puzzles: list[list[int]], batch: int) -> int:
+    """The puzzles' common size n, checked against the model's canvas, and a usable batch size."""
+    n = sudoku.size_of_all(puzzles)
+    check_size(model, n)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise DgemmaError(f"batch {batch!r}: solve at least one puzzle at a time")
+    return n
 
 
 def solve(pipe: Pipeline, puzzles: list[list[int]], *, seed: int = 0, batch: int = 500, on_draft=None, **sampling):
     """Diffusion: one canvas per puzzle -> (grids, decoder passes per puzzle); `sampling` overrides the checkpoint's
     generation_config (max_denoising_steps, t_min, ...)."""
-    n = sudoku.size_of(len(puzzles[0]))
-    check_size(pipe.model, n)
+    n = check_puzzles(pipe.model, puzzles, batch)
     grids, passes = [], []
     for i in range(0, len(puzzles), batch):
         rows = [sudoku.prompt_ids(p) for p in puzzles[i : i + batch]]
@@ -49,8 +58,7 @@ def solve(pipe: Pipeline, puzzles: list[list[int]], *, seed: int = 0, batch: int
 @torch.no_grad()
 def solve_greedy(model: DiffusionGemma, puzzles: list[list[int]], *, batch: int = 500) -> list[list[int]]:
     """The autoregressive baseline: the encoder as a causal LM, decoded greedily one cell at a time."""
-    n = sudoku.size_of(len(puzzles[0]))
-    check_size(model, n)
+    n = check_puzzles(model, puzzles, batch)
     grids = []
     for i in range(0, len(puzzles), batch):
         prompt = torch.tensor([sudoku.prompt_ids(p) for p in puzzles[i : i + batch]], device=model.device)

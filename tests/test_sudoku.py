@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dgemma import DiffusionGemma, Pipeline
+from dgemma.errors import DgemmaError
 from dgemma.model.tokenizer import Tokenizer
 from dgemma.runtime import sudoku
 from dgemma.runtime.cli import main
@@ -125,7 +126,7 @@ def test_shipped_checkpoints_load_through_the_loader(n):
         cfg = Pipeline.from_pretrained(path, dtype=torch.float32).sampling_config()
         assert cfg.max_new_tokens == model.config.canvas_length and cfg.stop_ids == (sudoku.EOS,)
     assert sum(p.stat().st_size for p in MODELS.rglob("*") if p.is_file()) < 5e6
-    with pytest.raises(FileNotFoundError, match="no shipped model"):
+    with pytest.raises(DgemmaError, match="no shipped model for 9x9"):
         shipped(9)
 
 
