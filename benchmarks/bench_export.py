@@ -86,7 +86,7 @@ def main(argv=None):
     build = not args.no_build and importlib.util.find_spec("tensorrt_rtx") is not None
     meta, console = provenance(torch.device("cpu")), Console()
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
-    cli = [sys.executable, "-m", "dgemma.runtime.cli", "export"]
+    cli = [sys.executable, "-m", "dgemma", "export"]
     rows, per_layer = [], {}
     table = Table("layers", "params", "step", "seconds", "peak RSS GB", "files GB")
     for layers in args.layers:

@@ -1,12 +1,6 @@
-"""The `dgemma` command line: `dgemma generate --model DIR "prompt"` shows the canvas refining in place.
-
-`dgemma sudoku`, `dgemma eval sudoku` and `dgemma train sudoku` run the embedded Sudoku model (sudoku_cli.py).
-"""
+"""`dgemma generate --model DIR "prompt"`: the canvas refining in place, then the answer and its speed."""
 
 from __future__ import annotations
-
-import argparse
-import sys
 
 import torch
 from rich.console import Console
@@ -14,41 +8,15 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
-from ..export import cli as export_cli
-from ..model.cache import WINDOW_MODES
-from ..model.checkpoint import LOAD_DTYPES, CheckpointError
-from ..model.model import BACKENDS
-from . import sudoku_cli
-from .engine import ENGINE_BACKENDS
+from ..model.checkpoint import LOAD_DTYPES
 from .pipeline import Draft, Pipeline
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dgemma", description="DiffusionGemma: block-diffusion text generation.")
-    sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate text from a prompt, showing each denoising step")
-    g.add_argument("prompt", nargs="+", help="the user message (several words are joined with spaces)")
-    g.add_argument("--model", required=True, help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
-    g.add_argument("--system", help="a system message")
-    g.add_argument("--thinking", action="store_true", help="switch the model's thinking on")
-    g.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat format")
-    g.add_argument("--max-new-tokens", type=int, help="rounded up to whole canvases (default: generation_config)")
-    g.add_argument("--steps", type=int, dest="max_denoising_steps", help="maximum denoising steps per canvas")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--reference", action="store_true", help="draw random numbers as transformers does")
-    g.add_argument("--dtype", choices=sorted(LOAD_DTYPES), default="bf16")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--backend", choices=BACKENDS + ENGINE_BACKENDS, default="torch")
-    g.add_argument("--engine", help="onnxruntime, tensorrt: the folder `dgemma export` wrote")
-    g.add_argument("--window", choices=WINDOW_MODES, default="shared", help="decoder sliding window")
-    sudoku_cli.add_parsers(sub)
-    export_cli.add_parser(sub)
-    return p
-
-
 def generate(args, console: Console) -> None:
+    torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = Pipeline.from_pretrained(
-        args.model, dtype=LOAD_DTYPES[args.dtype], device=args.device, backend=args.backend, window=args.window,
+        args.model, dtype=LOAD_DTYPES[args.dtype], device=device, backend=args.backend, window=args.window,
         engine=args.engine,
     )  # fmt: skip
     text = " ".join(args.prompt)
@@ -93,20 +61,5 @@ def generate(args, console: Console) -> None:
     console.print(
         f"{s.new_tokens} tokens in {len(s.steps_per_canvas)} canvases, steps per canvas {s.steps_per_canvas}, "
         f"{s.tokens_per_forward[0]:.2f} tokens/forward, {s.tokens_per_second:.1f} tokens/s "
-        f"({args.device}, {pipe.model.dtype}, {args.backend})"
+        f"({device}, {pipe.model.dtype}, {args.backend}, {args.threads} thread(s))"
     )
-
-
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    console = Console()
-    try:
-        ({"generate": generate, "export": export_cli.run} | sudoku_cli.COMMANDS)[args.command](args, console)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

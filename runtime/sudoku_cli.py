@@ -1,4 +1,5 @@
-"""`dgemma sudoku`, `dgemma eval sudoku` and `dgemma train sudoku`: the embedded Sudoku model on the command line."""
+"""`dgemma sudoku`, `dgemma eval sudoku` and `dgemma train sudoku` (options in dgemma/cli.py): the embedded Sudoku
+model on the command line."""
 
 from __future__ import annotations
 
@@ -14,61 +15,14 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from ..errors import DgemmaError
 from ..model.checkpoint import LOAD_DTYPES
 from ..model.model import DiffusionGemma
 from . import sudoku
 from .pipeline import Draft, Pipeline
 from .solve import score, shipped, solve, solve_greedy
 
-THREADS = "torch threads: the small models gain nothing from more, and on 2 busy cores two threads stall"
 LEGEND = "[bold]bold[/] clue  [green]green[/] accepted  [black on yellow]yellow[/] changed  [dim]dim[/] redrawn"
-
-
-def add_parsers(sub) -> None:
-    s = sub.add_parser("sudoku", help="solve a Sudoku puzzle, showing the canvas refine step by step")
-    s.add_argument("puzzle", nargs="?", help="16, 36 or 81 characters, 0 or . for a blank (default: a random one)")
-    s.add_argument("--size", type=int, choices=sorted(sudoku.BOXES), help="grid size of a random puzzle (default 4)")
-    s.add_argument("--model", help="checkpoint folder (default: the shipped model for the puzzle's size)")
-    s.add_argument("--steps", type=int, dest="max_denoising_steps", help="maximum denoising steps")
-    s.add_argument("--seed", type=int, default=0, help="sampler seed (and the random puzzle's)")
-    s.add_argument("--delay", type=float, default=0.4, help="seconds per step on a terminal, to watch it")
-    s.add_argument("--dtype", choices=sorted(LOAD_DTYPES), default="fp32")
-    s.add_argument("--threads", type=int, default=1, help=THREADS)
-
-    e = sub.add_parser("eval", help="measure a task's solve rate").add_subparsers(dest="task", required=True)
-    e = e.add_parser("sudoku", help="exact-solve rate, cell accuracy and steps on puzzles with unique solutions")
-    e.add_argument("--puzzles", help="file with one puzzle per line (default: generated held-out puzzles)")
-    e.add_argument("--size", type=int, choices=sorted(sudoku.BOXES), default=4, help="size of generated puzzles")
-    e.add_argument("--count", type=int, default=1000, help="generated puzzles")
-    e.add_argument("--blanks", type=int, nargs=2, metavar=("LO", "HI"), help="blank cells of generated puzzles")
-    e.add_argument("--model", help="diffusion checkpoint (default: the shipped one)")
-    e.add_argument("--baseline", nargs="?", const="shipped", help="also decode an autoregressive checkpoint greedily")
-    e.add_argument("--steps", type=int, nargs="+", help="denoising step budgets (default: generation_config's)")
-    e.add_argument("--seed", type=int, default=0, help="puzzle and sampler seed")
-    e.add_argument("--dtype", choices=sorted(LOAD_DTYPES), default="fp32")
-    e.add_argument("--threads", type=int, default=1, help=THREADS)
-    e.add_argument("--json", action="store_true", help="print the results as JSON")
-
-    t = sub.add_parser("train", help="train a model from scratch").add_subparsers(dest="task", required=True)
-    t = t.add_parser("sudoku", help="a DiffusionGemma (or its autoregressive baseline) on generated puzzles")
-    t.add_argument("--out", required=True, help="checkpoint folder, rewritten every --save-every steps")
-    t.add_argument("--resume", help="continue from this folder's trainer_state.pt (to --steps)")
-    t.add_argument("--size", type=int, choices=sorted(sudoku.BOXES), default=4)
-    t.add_argument("--objective", choices=("diffusion", "ar"), default="diffusion")
-    t.add_argument("--lm-weight", type=float, default=0.0, help="weight of the encoder's causal LM loss")
-    t.add_argument("--steps", type=int, default=4000)
-    t.add_argument("--batch", type=int, default=128)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--blanks", type=int, nargs=2, metavar=("LO", "HI"))
-    t.add_argument("--hidden", type=int, default=64)
-    t.add_argument("--layers", type=int, default=2)
-    t.add_argument("--experts", type=int, default=4)
-    t.add_argument("--top-k", type=int, default=2)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--denoising-steps", type=int, default=16, help="max_denoising_steps of the generation_config")
-    t.add_argument("--save-every", type=int, default=500)
-    t.add_argument("--threads", type=int, default=1, help=THREADS)
-    t.add_argument("--device", default="cpu")
 
 
 def render(cells: list[int], n: int, styles: list[str]) -> Text:
@@ -102,12 +56,12 @@ def solve_one(args, console: Console) -> None:
         puzzle = sudoku.parse(args.puzzle)
         n = sudoku.size_of(len(puzzle))
         if args.size not in (None, n):
-            raise ValueError(f"--size {args.size} but the puzzle is {n}x{n}")
+            raise DgemmaError(f"--size {args.size} but the puzzle is {n}x{n}")
     else:
         n = args.size or 4
         puzzle = sudoku.held_out(n, 1, seed=args.seed)[0][0]
     if not sudoku.solutions(puzzle, limit=1):
-        raise ValueError(f"{sudoku.fmt(puzzle)} has no solution")
+        raise DgemmaError(f"{sudoku.fmt(puzzle)} has no solution")
     pipe = Pipeline.from_pretrained(args.model or shipped(n), dtype=LOAD_DTYPES[args.dtype])
     budget = args.max_denoising_steps or pipe.sampling_config().max_denoising_steps
     console.print(f"puzzle {sudoku.fmt(puzzle)}: {puzzle.count(0)} blanks, up to {budget} steps", highlight=False)
@@ -150,7 +104,7 @@ def evaluate(args, console: Console) -> None:
             console.print(f"skipping {skipped} puzzles without a unique solution")
         pairs = [(p, s[0]) for p, s in pairs if len(s) == 1]
         if not pairs or len({len(p) for p, _ in pairs}) != 1:
-            raise ValueError(f"{args.puzzles} needs puzzles of one size with unique solutions")
+            raise DgemmaError(f"{args.puzzles} needs puzzles of one size with unique solutions")
     else:
         blanks = tuple(args.blanks) if args.blanks else None
         pairs = sudoku.held_out(args.size, args.count, seed=args.seed, blanks=blanks)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dgemma import DiffusionGemma, Pipeline
-from dgemma.runtime.cli import main
+from dgemma.cli import main
 from dgemma.runtime.sampler import SamplingConfig, SeededDraws
 
 
@@ -120,4 +120,18 @@ def test_cli_console_script_reports_bad_checkpoint(tmp_path):
     script = Path(sys.executable).parent / "dgemma"
     done = subprocess.run([script, "generate", "--model", str(tmp_path), "hi"], capture_output=True, text=True)
     assert done.returncode == 2
-    assert "error:" in done.stdout and "config.json" in done.stdout and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error:") and "config.json" in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_help_does_not_import_torch():
+    """`dgemma --help` and a command's help answer from the torch-free parser."""
+    probe = (
+        "import sys; from dgemma.cli import main\n"
+        "for argv in (['--help'], ['generate', '--help'], ['export', 'onnx', '--help']):\n"
+        "    try: main(argv)\n"
+        "    except SystemExit as e: assert e.code == 0, e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "generate" in done.stdout and "--max-prompt" in done.stdout
