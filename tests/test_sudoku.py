@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from dgemma import DiffusionGemma, Pipeline
+from dgemma.cli import main
 from dgemma.errors import DgemmaError
 from dgemma.model.tokenizer import Tokenizer
 from dgemma.runtime import sudoku
-from dgemma.runtime.cli import main
 from dgemma.runtime.solve import MODELS, shipped, solve
 from dgemma.runtime.train import Recipe
 
