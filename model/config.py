@@ -166,6 +166,8 @@ class Config:
         missing = {"vocab_size", "hidden_size", "num_hidden_layers", "layer_types", "head_dim"} - set(text)
         if missing:
             raise DgemmaError(f"config is missing {sorted(missing)}")
+        if not isinstance(types := text["layer_types"], list) or not all(isinstance(t, str) for t in types):
+            raise DgemmaError(f"layer_types must be a list of layer type names, not {types!r}")
         # Transformers re-saves the two global-layer fields as per-layer overrides of the full layers.
         if per_layer := text.pop("per_layer_config", None):
             override = _per_layer_override(per_layer, text["layer_types"])
@@ -200,7 +202,7 @@ def _per_layer_override(per_layer, layer_types) -> dict:
     """The one override transformers' per_layer_config applies to every full layer, and to nothing else."""
     if not isinstance(per_layer, dict) or not all(isinstance(v, dict) for v in per_layer.values()):
         raise DgemmaError(f"per_layer_config must map layer indices to objects, not {per_layer!r}")
-    if not isinstance(layer_types, list) or not all(str(i).isdecimal() for i in per_layer):
+    if not all(str(i).isdecimal() for i in per_layer):
         raise DgemmaError(f"per_layer_config must override exactly the full layers, uniformly: {per_layer}")
     overrides = {json.dumps(v, sort_keys=True) for v in per_layer.values()}
     full = {i for i, kind in enumerate(layer_types) if kind == FULL}

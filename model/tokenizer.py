@@ -41,8 +41,8 @@ def format_chat(messages, *, thinking: bool = False, add_generation_prompt: bool
     if not isinstance(messages, list) or not messages:
         raise DgemmaError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            role = m.get("role") if isinstance(m, dict) else m
+        role = m.get("role") if isinstance(m, dict) else m
+        if not isinstance(role, str) or role not in ROLES:
             raise DgemmaError(f"message {i}: unknown role {role!r}, expected one of {sorted(ROLES)}")
         check_text(m.get("content"), f"message {i}'s content")
     # Only a leading system message is folded into the system turn that also carries the thinking switch.
