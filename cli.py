@@ -122,7 +122,7 @@ def add_sudoku(sub) -> None:
     e.add_argument("--count", type=positive_int, default=1000, help="generated puzzles")
     e.add_argument("--blanks", type=non_negative_int, nargs=2, metavar=("LO", "HI"), help="blanks of generated puzzles")
     e.add_argument("--model", type=path, help="diffusion checkpoint (default: the shipped one)")
-    e.add_argument("--baseline", nargs="?", const="shipped", help="also decode an autoregressive checkpoint greedily")
+    e.add_argument("--baseline", type=path, nargs="?", const="shipped", help="also decode an AR checkpoint greedily")
     e.add_argument("--steps", type=positive_int, nargs="+", help="denoising step budgets (default: the checkpoint's)")
     e.add_argument("--seed", type=non_negative_int, default=0, help="puzzle and sampler seed")
     e.add_argument("--dtype", choices=DTYPES, default="fp32")
