@@ -26,7 +26,6 @@ from torch import nn
 
 from dgemma.kernels.moe import align, moe, route, tile_config
 from dgemma.model.config import Config
-from dgemma.model.model import Experts
 from dgemma.model.model import moe as moe_ref
 
 from harness import RESULTS, append_rows, copy_gbps, provenance, result_row, timed
@@ -68,9 +67,9 @@ def setup(config: Config, T: int, fp8: bool, dtype, device):
     down = (torch.randn(E, D, I, device=device) / I**0.5).to(dtype)
     banks, scales = (gate_up, down), (None, None)
     if fp8:
-        (gu_q, gu_s), (dn_q, dn_s) = Experts.quantize_fp8(gate_up), Experts.quantize_fp8(down)
+        (gu_q, gu_s), (dn_q, dn_s) = fp8.quantize(gate_up), fp8.quantize(down)
         banks, scales = (gu_q, dn_q), (gu_s, dn_s)
-        gate_up, down = (Experts.dequantize_fp8(q, s, torch.float32) for q, s in ((gu_q, gu_s), (dn_q, dn_s)))
+        gate_up, down = (fp8.dequantize(q, s, torch.float32) for q, s in ((gu_q, gu_s), (dn_q, dn_s)))
     truth = moe_ref(x.float(), weights, idx.long(), gate_up.float(), down.float())
     return router, (x, weights, idx, *banks, *scales), truth
 

@@ -12,6 +12,8 @@ validity bit (False for left padding). Legend: B batch, T chunk tokens, R slots,
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..errors import DgemmaError
@@ -59,6 +61,15 @@ class KVCache:
             self.pos[kind][slots[kind]] = positions
             self.valid[kind][:, slots[kind]] = valid
         return slots
+
+    def fork(self) -> KVCache:
+        """A copy with its own tensors: training writes a pass's K/V into a fork, since autograd forbids overwriting a
+        tensor an earlier differentiable pass saved for its backward."""
+        twin = copy.copy(self)
+        twin.k, twin.v = [k.clone() for k in self.k], [v.clone() for v in self.v]
+        twin.pos = {kind: p.clone() for kind, p in self.pos.items()}
+        twin.valid = {kind: v.clone() for kind, v in self.valid.items()}
+        return twin
 
     def commit(self, T: int):
         self.length += T

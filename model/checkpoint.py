@@ -25,9 +25,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError, DgemmaError
-from .config import DTYPES, Config
+from . import fp8
+from .config import BACKENDS, DTYPES, Config
 from .device import resolve_device
-from .model import DiffusionGemma, Experts
+from .model import DiffusionGemma
 
 IGNORED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 EXPERT_BANKS = ("experts.gate_up_proj", "experts.down_proj")  # what expert_dtype="fp8" quantizes
@@ -121,8 +122,11 @@ def read_generation_config(folder: str | Path) -> dict:
 def load_model(
     path, *, dtype=torch.bfloat16, device="cpu", window="shared", backend="torch", expert_dtype=None
 ) -> DiffusionGemma:
-    """expert_dtype None keeps the expert banks in `dtype`; "fp8" quantizes each bank on `device` as it loads
-    (Experts.quantize_fp8), so the full-precision banks never all sit in memory at once."""
+    """The checkpoint folder `path` as a DiffusionGemma in `dtype` on `device`.
+
+    backend "triton" swaps in the fused kernels' layers (fused.use_kernels). expert_dtype None keeps the expert banks
+    in `dtype`; "fp8" quantizes each bank on `device` as it loads (fp8.quantize), so the full-precision banks never
+    all sit in memory at once."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a checkpoint folder")
@@ -130,10 +134,16 @@ def load_model(
         raise DgemmaError(f"dtype must be torch.bfloat16 or torch.float32, not {dtype}")
     if expert_dtype not in (None, "fp8"):
         raise DgemmaError(f"expert_dtype must be None or 'fp8', not {expert_dtype!r}")
+    if backend not in BACKENDS:
+        raise DgemmaError(f"backend must be one of {BACKENDS}, not {backend!r}")
     device = resolve_device(device)
+    if backend == "triton":
+        from ..kernels import require_triton
+
+        require_triton(device)
     config = read_config(folder)
     with torch.device("meta"):
-        model = DiffusionGemma(config, window=window, backend=backend)
+        model = DiffusionGemma(config, window=window)
     wanted = {checkpoint_name(name): (name, t.shape) for name, t in model.state_dict().items()}
 
     files = weight_files(folder)
@@ -154,13 +164,19 @@ def load_model(
     for name, (ours, _) in wanted.items():
         tensor = handles[files[name]].get_tensor(name).to(device=device, dtype=dtype)
         if expert_dtype == "fp8" and ours.endswith(EXPERT_BANKS):
-            tensor, scales[ours.replace("_proj", "_scale")] = Experts.quantize_fp8(tensor)
+            tensor, scales[ours] = fp8.quantize(tensor)
         state[ours] = tensor
     model.load_state_dict(state, strict=True, assign=True)
-    for name, scale in scales.items():  # non-persistent buffers: load_state_dict does not see them
-        module, attr = name.rsplit(".", 1)
-        setattr(model.get_submodule(module), attr, scale)
-    return model.to(device).eval()
+    if expert_dtype == "fp8":
+        for i, layer in enumerate(model.layers):
+            banks = (scales[f"layers.{i}.{bank}"] for bank in EXPERT_BANKS)
+            fp8.store_fp8(layer.experts, *banks)
+    model = model.to(device).eval()
+    if backend == "triton":
+        from .fused import use_kernels  # imports Triton, which a CPU-only install may not have
+
+        use_kernels(model)
+    return model
 
 
 def save_model(model: DiffusionGemma, path: str | Path, *, dtype: torch.dtype = torch.float32, **config) -> Path:

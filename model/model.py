@@ -1,8 +1,30 @@
 """DiffusionGemma's text model in plain PyTorch: the reference every kernel, export and engine is checked against.
 
-One set of weights runs in two modes. `encode` is a causal pass that commits K/V to the cache (prompt prefill and
-canvas commits); `denoise` is a bidirectional pass over a canvas that reads the cache and returns soft-capped logits.
-The math follows ../shared/docs/architecture.md section 5; the numbered comments point at its steps.
+One set of weights runs in two modes. `encode` is a causal pass that commits its tokens' K/V to the cache (the
+prompt, then each finished canvas); `decode` is a bidirectional pass over a canvas that reads the cache and writes
+nothing lasting, and `denoise` adds the tied LM head. A pass, step by step (the numbers mark the code):
+
+     1. embed: E[ids] * sqrt(D), the scale rounded to the weight dtype; the decoder adds the previous step's soft
+        embedding through the self-conditioning GeGLU, then a weightless RMSNorm.
+   Every layer, after the input RMSNorm:
+   2-3. q, k, v projections; full-attention layers have no v_proj: V is the raw K projection.
+     4. q and k RMSNorm (times w, not 1 + w), V's weightless RMSNorm, split-half RoPE (proportional on full layers:
+        only the first quarter of the pairs rotates).
+     5. the chunk's K/V go into the cache (`Pass.attend`).
+   6-8. attention with score scale 1.0 and no softcap, an fp32 softmax, over the keys the layer type and mode allow:
+        causal or bidirectional, a sliding window or all committed keys.
+     9. the output projection.
+    10. post-attention RMSNorm, residual.
+    11. the dense GeGLU MLP between its two RMSNorms.
+    12. the router on the un-normalized residual: weightless RMSNorm * scale * D^-1/2, a softmax over all experts,
+        top-k renormalized, * per-expert scale.
+    13. each chosen expert's GeGLU on the pre-normalized residual, weighted by the router in fp32.
+ 14-15. the expert sum's RMSNorm, then the RMSNorm of dense + experts, residual.
+    16. times the mode's layer scalar (the encoder and the decoder keep separate ones).
+   Then the final RMSNorm; the logits are E @ h soft-capped at 30 in fp32.
+
+The fused Triton layers (fused.py) and fp8 expert storage (fp8.py) subclass the layers here and are swapped in when a
+checkpoint loads (checkpoint.load_model); the export graphs run these same layers through their own `Pass`.
 
 Legend: B batch, T tokens, C canvas, D hidden, H query heads, Hkv KV heads, d head dim, S cache slots, V vocab,
 E experts, K experts per token.
@@ -16,8 +38,7 @@ from torch import nn
 
 from ..errors import DgemmaError
 from .cache import KVCache
-from .config import BACKENDS, SLIDING, WINDOW_MODES, Config
-from .device import resolve_device
+from .config import SLIDING, WINDOW_MODES, Config
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -72,12 +93,12 @@ def attention(q, k, v, mask):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: Config, layer: int, backend: str = "torch"):
+    def __init__(self, config: Config, layer: int):
         super().__init__()
         kind = config.layer_types[layer]
         D, H = config.hidden_size, config.num_attention_heads
         Hkv, d = config.num_kv_heads(kind), config.head_dim_of(kind)
-        self.layer, self.kind, self.head_dim, self.eps, self.backend = layer, kind, d, config.rms_norm_eps, backend
+        self.layer, self.kind, self.head_dim, self.eps = layer, kind, d, config.rms_norm_eps
         self.q_proj = nn.Linear(D, H * d, bias=False)
         self.k_proj = nn.Linear(D, Hkv * d, bias=False)
         self.v_proj = nn.Linear(D, Hkv * d, bias=False) if kind == SLIDING else None  # full layers: V = raw K
@@ -85,34 +106,21 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, self.eps)
         self.k_norm = RMSNorm(d, self.eps)
 
-    def forward(self, x, rope, cache: KVCache, slots, mask, causal: bool):
+    def project(self, x):
+        """Steps 2-3: the raw q, k, v projections (B, T, heads, d); full layers' V is the raw K."""
         B, T, _ = x.shape
         shape = (B, T, -1, self.head_dim)
-        q_raw, k_raw = self.q_proj(x).view(shape), self.k_proj(x).view(shape)  # 2, 3
-        v_raw = self.v_proj(x).view(shape) if self.v_proj is not None else k_raw
-        if self.backend == "triton":
-            o = self.fused(q_raw, k_raw, v_raw, rope, cache, causal)
-        else:
-            cos, sin = rope
-            q = apply_rope(self.q_norm(q_raw), cos, sin)
-            k = apply_rope(self.k_norm(k_raw), cos, sin)  # 4
-            v = rms_norm(v_raw, None, self.eps)
-            keys, values = cache.write(self.layer, slots, k.transpose(1, 2), v.transpose(1, 2), cache.length + T)  # 5
-            o = attention(q.transpose(1, 2), keys, values, mask).transpose(1, 2)  # 6-8
+        q_raw, k_raw = self.q_proj(x).view(shape), self.k_proj(x).view(shape)
+        return q_raw, k_raw, self.v_proj(x).view(shape) if self.v_proj is not None else k_raw
+
+    def forward(self, x, p: Pass):
+        B, T, _ = x.shape
+        q_raw, k_raw, v_raw = self.project(x)  # 2, 3
+        q = p.rotate(self.kind, self.q_norm(q_raw))
+        k = p.rotate(self.kind, self.k_norm(k_raw))  # 4
+        v = rms_norm(v_raw, None, self.eps)
+        o = p.attend(self.layer, self.kind, q, k, v)  # 5-8: (B, T, H, d)
         return self.o_proj(o.reshape(B, T, -1))  # 9
-
-    def fused(self, q_raw, k_raw, v_raw, inv_freq, cache: KVCache, causal: bool):
-        """Steps 2-8 with dgemma.kernels.attention: norms and RoPE in one prologue kernel, K/V written in place."""
-        from ..kernels.attention import attention as fused_attention
-        from ..kernels.attention import norm_rope
-
-        n, keys, values = cache.length, cache.k[self.layer], cache.v[self.layer]
-        q = norm_rope(q_raw, self.q_norm.weight, inv_freq, self.eps, pos0=n)
-        norm_rope(k_raw, self.k_norm.weight, inv_freq, self.eps, pos0=n, out=keys.transpose(1, 2), slot0=n)
-        norm_rope(v_raw, None, None, self.eps, pos0=n, out=values.transpose(1, 2), slot0=n)
-        band = cache.band(self.kind, causal)
-        o = fused_attention(q, keys, values, cache.pos[self.kind], cache.valid[self.kind], n, band)
-        return o.transpose(1, 2)  # (B, T, H, d) for o_proj
 
 
 class GatedMLP(nn.Module):
@@ -127,20 +135,15 @@ class GatedMLP(nn.Module):
 
 
 class Router(nn.Module):
-    def __init__(self, config: Config, backend: str = "torch"):
+    def __init__(self, config: Config):
         super().__init__()
         self.top_k, self.eps, self.root = config.top_k_experts, config.rms_norm_eps, config.hidden_size**-0.5
-        self.backend = backend
         self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.scale = nn.Parameter(torch.ones(config.hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
 
     def forward(self, r):
         """r (T, D), the un-normalized residual -> routing weights (T, K) fp32 and expert ids (T, K)."""
-        if self.backend == "triton":
-            from ..kernels.moe import route
-
-            return route(r, self.scale, self.proj.weight, self.per_expert_scale, self.top_k, self.eps)
         z = rms_norm(r, None, self.eps) * self.scale * self.root  # 12
         probs = self.proj(z).softmax(-1, dtype=torch.float32)  # over all E experts
         weights, idx = probs.topk(self.top_k, dim=-1)
@@ -169,51 +172,29 @@ def moe(x, weights, idx, gate_up_proj, down_proj):
 
 
 class Experts(nn.Module):
-    def __init__(self, config: Config, backend: str = "torch"):
+    def __init__(self, config: Config):
         super().__init__()
         E, I, D = config.num_experts, config.moe_intermediate_size, config.hidden_size
-        self.backend = backend
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
-        # Set when the banks are float8_e4m3fn (checkpoint.load_model's expert_dtype="fp8"): fp32 (E, 2I) and (E, D).
-        self.register_buffer("gate_up_scale", None, persistent=False)
-        self.register_buffer("down_scale", None, persistent=False)
 
     def forward(self, x, weights, idx):
-        if self.backend == "triton":
-            from ..kernels.moe import moe as fused_moe
-
-            return fused_moe(x, weights, idx, self.gate_up_proj, self.down_proj, self.gate_up_scale, self.down_scale)
-        if self.gate_up_scale is not None:  # the reference runs fp8 banks on their dequantized values
-            gate_up = self.dequantize_fp8(self.gate_up_proj, self.gate_up_scale, x.dtype)
-            return moe(x, weights, idx, gate_up, self.dequantize_fp8(self.down_proj, self.down_scale, x.dtype))
         return moe(x, weights, idx, self.gate_up_proj, self.down_proj)
-
-    @staticmethod
-    def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(E, N, R) bank -> float8_e4m3fn bank and fp32 scales (E, N): one per output channel, its amax / 448."""
-        amax = w.detach().abs().amax(-1).float()
-        scale = torch.where(amax > 0, amax / 448.0, 1.0)  # 448 is e4m3's largest finite value; a zero row keeps 1
-        return (w.float() / scale[..., None]).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn), scale
-
-    @staticmethod
-    def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return (q.float() * scale[..., None]).to(dtype)
 
 
 class Layer(nn.Module):
-    def __init__(self, config: Config, layer: int, backend: str = "torch"):
+    def __init__(self, config: Config, layer: int):
         super().__init__()
         D, eps = config.hidden_size, config.rms_norm_eps
         self.kind = config.layer_types[layer]
-        self.self_attn = Attention(config, layer, backend)
+        self.self_attn = Attention(config, layer)
         self.input_layernorm = RMSNorm(D, eps)
         self.post_attention_layernorm = RMSNorm(D, eps)
         self.mlp = GatedMLP(D, config.intermediate_size)
         self.pre_feedforward_layernorm = RMSNorm(D, eps)
         self.post_feedforward_layernorm_1 = RMSNorm(D, eps)
-        self.router = Router(config, backend)
-        self.experts = Experts(config, backend)
+        self.router = Router(config)
+        self.experts = Experts(config)
         self.pre_feedforward_layernorm_2 = RMSNorm(D, eps)
         self.post_feedforward_layernorm_2 = RMSNorm(D, eps)
         self.post_feedforward_layernorm = RMSNorm(D, eps)
@@ -221,10 +202,8 @@ class Layer(nn.Module):
         self.register_buffer("encoder_scalar", torch.ones(1))
         self.register_buffer("decoder_scalar", torch.ones(1))
 
-    def forward(self, x, rope, cache, slots, masks, decoder: bool):
-        kind = self.kind
-        attn = self.self_attn(self.input_layernorm(x), rope[kind], cache, slots[kind], masks[kind], causal=not decoder)
-        x = x + self.post_attention_layernorm(attn)  # 10
+    def forward(self, x, p: Pass, decoder: bool):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), p))  # 10
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))  # 11
         flat = x.reshape(-1, x.shape[-1])
         weights, idx = self.router(flat)  # 12
@@ -247,15 +226,17 @@ class SelfConditioning(GatedMLP):
 
 
 class DiffusionGemma(nn.Module):
-    def __init__(self, config: Config, window: str = "shared", backend: str = "torch"):
+    decoder_output = "hidden"  # what `decode` returns: the final hidden states, for the fused vocabulary pass
+    backend = "torch"  # "triton" once fused.use_kernels has swapped in the kernel-backed layers
+    device_loop = False  # whether the sync-free DeviceLoop suits this model: true for the kernel-backed layers
+
+    def __init__(self, config: Config, window: str = "shared"):
         super().__init__()
         if window not in WINDOW_MODES:
             raise DgemmaError(f"window must be one of {WINDOW_MODES}, not {window!r}")
-        if backend not in BACKENDS:
-            raise DgemmaError(f"backend must be one of {BACKENDS}, not {backend!r}")
-        self.config, self.window, self.backend = config, window, backend
+        self.config, self.window = config, window
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)  # tied LM head
-        self.layers = nn.ModuleList(Layer(config, i, backend) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_conditioning = SelfConditioning(config)
         for kind in set(config.layer_types):
@@ -265,17 +246,10 @@ class DiffusionGemma(nn.Module):
     def from_pretrained(
         cls, path, *, dtype=torch.bfloat16, device="cpu", backend="torch", window="shared", expert_dtype=None
     ):
-        """Loads an official checkpoint folder unchanged (see checkpoint.py); expert_dtype="fp8" quantizes the expert
-        banks to float8_e4m3fn with per-output-channel scales as they load."""
+        """Loads an official checkpoint folder unchanged (see checkpoint.py). backend="triton" swaps in the fused
+        kernels' layers; expert_dtype="fp8" stores the expert banks in float8_e4m3fn with per-output-channel scales."""
         from .checkpoint import load_model
 
-        if backend not in BACKENDS:
-            raise DgemmaError(f"backend must be one of {BACKENDS}, not {backend!r}")
-        device = resolve_device(device)
-        if backend == "triton":
-            from ..kernels import require_triton
-
-            require_triton(device)
         return load_model(path, dtype=dtype, device=device, window=window, backend=backend, expert_dtype=expert_dtype)
 
     @property
@@ -285,6 +259,9 @@ class DiffusionGemma(nn.Module):
     @property
     def device(self):
         return self.embed_tokens.weight.device
+
+    def inv_freq(self, kind: str) -> torch.Tensor:
+        return getattr(self, f"inv_freq_{kind}")
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch, max_len, dtype=self.dtype, device=self.device, window=self.window)
@@ -298,26 +275,12 @@ class DiffusionGemma(nn.Module):
         probs = logits.softmax(-1, dtype=torch.float32).to(self.dtype)
         return (probs @ self.embed_tokens.weight) * torch.tensor(self.config.hidden_size**0.5, dtype=self.dtype)
 
-    def _layers(self, x, cache: KVCache, valid, decoder: bool):
-        T = x.shape[1]
-        slots = cache.stage(T, valid)
-        kinds = set(self.config.layer_types)
-        if self.backend == "triton":  # the kernels take RoPE frequencies and the cache's band, not cos/sin and a mask
-            rope, masks = {kind: getattr(self, f"inv_freq_{kind}") for kind in kinds}, dict.fromkeys(kinds)
-        else:
-            rope = {kind: self._cos_sin(kind, cache.length, T, x.dtype) for kind in kinds}
-            masks = {kind: cache.mask(kind, T, causal=not decoder) for kind in kinds}
+    def forward(self, x, p: Pass, decoder: bool):
+        """The layers and the final norm over embedded tokens x (B, T, D), their K/V reached through `p`."""
         for layer in self.layers:
-            x = layer(x, rope, cache, slots, masks, decoder)
+            x = layer(x, p, decoder)
         return self.norm(x)
 
-    def _cos_sin(self, kind: str, start: int, T: int, dtype):
-        positions = torch.arange(start, start + T, device=self.device)
-        freqs = positions[:, None].float() * getattr(self, f"inv_freq_{kind}")  # fp32 angles, then cast
-        angles = torch.cat([freqs, freqs], dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
-
-    @torch.no_grad()
     def encode(self, ids, cache: KVCache, attention_mask=None):
         """Causal pass that commits `ids` (B, T) to the cache, in chunks of the canvas length; returns (B, T, D)."""
         check_ids(ids, self.config.vocab_size, cache, "ids")
@@ -328,34 +291,70 @@ class DiffusionGemma(nn.Module):
         for start in range(0, ids.shape[1], cache.chunk):
             chunk = ids[:, start : start + cache.chunk]
             valid = None if attention_mask is None else attention_mask[:, start : start + cache.chunk]
-            out.append(self._layers(self.embed(chunk), cache, valid, decoder=False))
+            out.append(self(self.embed(chunk), CachePass(self, cache, chunk.shape[1], valid, causal=True), False))
             cache.commit(chunk.shape[1])
         return torch.cat(out, dim=1)
 
-    @torch.no_grad()
     def denoise(self, canvas_ids, cache: KVCache, self_conditioning=None):
         """Bidirectional pass over the canvas (B, C) after the committed prefix -> fp32 soft-capped logits (B, C, V).
 
         `self_conditioning` is the previous step's processed (temperature-scaled) logits; None at a canvas's first step.
-        Checks the ids (one host sync); the generation loops' own passes go through `denoise_hidden`, which does not.
+        Checks the ids (one host sync); the generation loops' own passes go through `decode`, which does not.
         """
         check_ids(canvas_ids, self.config.vocab_size, cache, "canvas_ids")
         soft = None if self_conditioning is None else self.soft_embedding(self_conditioning)
-        return self.logits(self.denoise_hidden(canvas_ids, cache, soft))
+        return self.logits(self.decode(canvas_ids, cache, soft))
 
-    @torch.no_grad()
-    def denoise_hidden(self, canvas_ids, cache: KVCache, soft=None):
-        """The same pass up to the final norm -> (B, C, D), for the fused vocabulary pass (kernels/vocab.py).
+    def decode(self, canvas_ids, cache: KVCache, soft=None):
+        """The decoder pass up to the final norm -> (B, C, D), for the fused vocabulary pass (kernels/vocab.py).
 
         `soft` is the self-conditioning soft embedding (B, C, D) of the previous step; None (zero) at a canvas's start.
         """
-        embedded = self.embed(canvas_ids)
+        embedded = self.embed(canvas_ids)  # 1
         soft = torch.zeros_like(embedded) if soft is None else soft
-        return self._layers(self.self_conditioning(embedded, soft), cache, None, decoder=True)
+        x = self.self_conditioning(embedded, soft)
+        return self(x, CachePass(self, cache, canvas_ids.shape[1], None, causal=False), True)
 
     def logits(self, h):
         cap = self.config.final_logit_softcapping
         return cap * torch.tanh(F.linear(h, self.embed_tokens.weight).float() / cap)
+
+
+class Pass:
+    """How the layers of one pass reach keys and values: `rotate` applies RoPE at the chunk's positions and `attend`
+    stores the chunk's K/V and attends (steps 5-8). Subclasses say where K/V live: CachePass in the model's ring
+    cache; the export graphs take the committed prefix as graph inputs."""
+
+    def rotate(self, kind: str, x):
+        raise NotImplementedError
+
+    def attend(self, layer: int, kind: str, q, k, v):
+        raise NotImplementedError
+
+
+class CachePass(Pass):
+    """A chunk of T tokens at the cache's committed length: its slots are staged, its K/V written into them; the
+    RoPE tables and masks are built once per layer type, on first use (the fused layers read the band instead)."""
+
+    def __init__(self, model: DiffusionGemma, cache: KVCache, T: int, valid, causal: bool):
+        self.model, self.cache, self.start, self.T, self.causal = model, cache, cache.length, T, causal
+        self.slots = cache.stage(T, valid)
+        self._rope, self._mask = {}, {}
+
+    def rotate(self, kind: str, x):
+        if kind not in self._rope:
+            positions = torch.arange(self.start, self.start + self.T, device=x.device)
+            freqs = positions[:, None].float() * self.model.inv_freq(kind)  # fp32 angles, then cast
+            angles = torch.cat([freqs, freqs], dim=-1)
+            self._rope[kind] = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        return apply_rope(x, *self._rope[kind])
+
+    def attend(self, layer: int, kind: str, q, k, v):
+        if kind not in self._mask:
+            self._mask[kind] = self.cache.mask(kind, self.T, self.causal)
+        end = self.start + self.T
+        keys, values = self.cache.write(layer, self.slots[kind], k.transpose(1, 2), v.transpose(1, 2), end)
+        return attention(q.transpose(1, 2), keys, values, self._mask[kind]).transpose(1, 2)
 
 
 def check_ids(ids, vocab_size: int, cache: KVCache, what: str) -> None:

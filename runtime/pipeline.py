@@ -21,7 +21,6 @@ from ..model.checkpoint import read_generation_config
 from ..model.config import BACKENDS, ENGINE_BACKENDS, is_int
 from ..model.model import DiffusionGemma, check_ids
 from ..model.tokenizer import Tokenizer
-from .engine import EngineModel
 from .engine import load as load_engine
 from .sampler import (
     SamplingConfig,
@@ -79,11 +78,12 @@ def generate_ids(
     """prompt (B, P) left-padded ids -> (B, P + k*C) ids with the committed canvases appended, and statistics.
 
     `device_loop` denoises each canvas in `DeviceLoop` (Triton kernels), without a host sync until the commit; None
-    picks it for the triton and tensorrt backends, and the per-step PyTorch loop for the torch reference and for
-    onnxruntime, whose device is the host (True there runs the kernels under TRITON_INTERPRET=1: tests do).
+    takes the model's own `device_loop` (true for the kernel-backed layers and TensorRT engines; the torch reference
+    and ONNX Runtime, whose device is the host, take the per-step PyTorch loop; True there runs the kernels under
+    TRITON_INTERPRET=1: tests do).
     """
     if device_loop is None:
-        device_loop = not reference and model.backend in ("triton", "tensorrt")
+        device_loop = not reference and model.device_loop
     if device_loop and reference:
         raise DgemmaError("reference=True draws as transformers does, in the PyTorch loop: it takes no device_loop")
     if not is_int(seed) or not 0 <= seed < 2**63:
@@ -210,7 +210,7 @@ class DeviceLoop:
         from ..kernels.sampler import SamplerState
 
         self.model, self.cfg, self.seed = model, cfg, seed
-        self.logits = isinstance(model, EngineModel) and model.decoder_output == "logits"
+        self.logits = model.decoder_output == "logits"
         device, N, D = model.device, cfg.max_denoising_steps, model.config.hidden_size
         schedule = torch.stack([temperature(n, cfg) for n in range(N, 0, -1)]).to(device)  # bit-equal, built once
         self.state = SamplerState.new(
@@ -243,10 +243,7 @@ class DeviceLoop:
             if self.converged(step):
                 break
             last = state.argmax.clone() if on_draft is not None else None
-            if self.logits:
-                x = model.decode(state.canvas, cache, state.soft).view(B * C, V)
-            else:
-                x = model.denoise_hidden(state.canvas, cache, state.soft).view(B * C, D)
+            x = model.decode(state.canvas, cache, state.soft).view(B * C, V if self.logits else D)
             out = vocab_pass(
                 x, model.embed_tokens.weight, state.temperature, state.tick, seed=self.seed,
                 cap=model.config.final_logit_softcapping, scale=self.scale, soft=state.soft.view(B * C, D),
