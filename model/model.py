@@ -213,6 +213,23 @@ class Layer(nn.Module):
         return x * (self.decoder_scalar if decoder else self.encoder_scalar)  # 16
 
 
+def embedding_scale(table: torch.Tensor) -> torch.Tensor:
+    """sqrt(D), cast to the table's dtype first: 53.0 in bf16, not 53.066."""
+    return torch.tensor(table.shape[1] ** 0.5, dtype=table.dtype)
+
+
+def soft_embedding(logits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """softmax(logits) @ E * sqrt(D): the expected embedding under the previous step's distribution. (..., V) ->
+    (..., D) in the table's dtype."""
+    probs = logits.softmax(-1, dtype=torch.float32).to(table.dtype)
+    return (probs @ table) * embedding_scale(table)
+
+
+def soft_capped_logits(h: torch.Tensor, table: torch.Tensor, cap: float) -> torch.Tensor:
+    """The tied LM head: (..., D) -> fp32 logits (..., V), soft-capped to (-cap, cap)."""
+    return cap * torch.tanh(F.linear(h, table).float() / cap)
+
+
 class SelfConditioning(GatedMLP):
     """Adds the previous step's soft embedding (through a GeGLU) to the canvas embedding, then a weightless norm."""
 
@@ -267,13 +284,10 @@ class DiffusionGemma(nn.Module):
         return KVCache(self.config, batch, max_len, dtype=self.dtype, device=self.device, window=self.window)
 
     def embed(self, ids):
-        # The sqrt(D) scale is cast to the weight dtype first: 53.0 in bf16, not 53.066.
-        return self.embed_tokens(ids) * torch.tensor(self.config.hidden_size**0.5, dtype=self.dtype)
+        return self.embed_tokens(ids) * embedding_scale(self.embed_tokens.weight)
 
     def soft_embedding(self, logits):
-        """softmax(logits) @ E * sqrt(D): the expected embedding under the previous step's distribution."""
-        probs = logits.softmax(-1, dtype=torch.float32).to(self.dtype)
-        return (probs @ self.embed_tokens.weight) * torch.tensor(self.config.hidden_size**0.5, dtype=self.dtype)
+        return soft_embedding(logits, self.embed_tokens.weight)
 
     def forward(self, x, p: Pass, decoder: bool):
         """The layers and the final norm over embedded tokens x (B, T, D), their K/V reached through `p`."""
@@ -316,8 +330,7 @@ class DiffusionGemma(nn.Module):
         return self(x, CachePass(self, cache, canvas_ids.shape[1], None, causal=False), True)
 
     def logits(self, h):
-        cap = self.config.final_logit_softcapping
-        return cap * torch.tanh(F.linear(h, self.embed_tokens.weight).float() / cap)
+        return soft_capped_logits(h, self.embed_tokens.weight, self.config.final_logit_softcapping)
 
 
 class Pass:
