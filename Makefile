@@ -20,7 +20,7 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-# The embedded default: 0.14M-parameter DiffusionGemmas trained from scratch on 4x4 and 6x6 Sudoku (runtime/models/)
+# The embedded default: 0.14M-parameter DiffusionGemmas trained from scratch on 4x4 and 6x6 Sudoku (sudoku/models/)
 # solve a puzzle each on the CPU, showing every denoising step, then face their autoregressive twins on 200 puzzles.
 demo: $(STAMP)
 	$(VENV)/bin/dgemma sudoku 0024000000020300

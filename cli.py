@@ -15,7 +15,7 @@ import sys
 
 from .errors import DgemmaError
 from .model.config import BACKENDS, DTYPES, ENGINE_BACKENDS, WINDOW_MODES
-from .runtime.sudoku import BOXES
+from .sudoku.board import BOXES
 
 EXPORT_DTYPES = ("bf16", "fp16", "fp32")  # export.sidecar.DTYPES, whose values are torch dtypes
 THREADS = (
@@ -26,9 +26,9 @@ THREADS = (
 # command -> "module:function" run with (args, console); imported only when the command runs
 COMMANDS = {
     "generate": "dgemma.runtime.cli:generate",
-    "sudoku": "dgemma.runtime.sudoku_cli:solve_one",
-    "eval": "dgemma.runtime.sudoku_cli:evaluate",
-    "train": "dgemma.runtime.sudoku_cli:train",
+    "sudoku": "dgemma.sudoku.cli:solve_one",
+    "eval": "dgemma.sudoku.cli:evaluate",
+    "train": "dgemma.sudoku.cli:train",
     "export": "dgemma.export.cli:run",
 }
 

@@ -33,7 +33,7 @@ from rich.table import Table
 from dgemma.model.checkpoint import save_model
 from dgemma.model.config import FULL, SLIDING, Config
 from dgemma.model.model import DiffusionGemma
-from dgemma.runtime.train import init_weights
+from dgemma.training.trainer import init_weights
 
 from harness import RESULTS, append_rows, provenance, result_row
 

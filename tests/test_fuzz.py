@@ -16,8 +16,8 @@ from dgemma.errors import DgemmaError
 from dgemma.model.checkpoint import load_model, read_config, read_generation_config, weight_files
 from dgemma.model.config import Config
 from dgemma.model.tokenizer import Tokenizer, format_chat
-from dgemma.runtime import sudoku
 from dgemma.runtime.sampler import SamplingConfig
+from dgemma.sudoku import board as sudoku
 
 from oracle import GENERATION
 

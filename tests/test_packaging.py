@@ -20,19 +20,22 @@ def test_wheel_holds_the_subpackages_and_imports(tmp_path):
     subprocess.run(build, check=True, capture_output=True)
     (wheel,) = tmp_path.glob("dgemma-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("__init__.py", "model/model.py", "model/checkpoint.py", "runtime/pipeline.py", "cli.py"):
+    modules = ("model/model.py", "model/checkpoint.py", "runtime/pipeline.py", "training/trainer.py", "sudoku/solve.py")
+    for module in ("__init__.py", "cli.py", *modules):
         assert f"dgemma/{module}" in names
-    shipped = [f.relative_to(ROOT) for f in (ROOT / "runtime" / "models").glob("*/*")]
+    shipped = [f.relative_to(ROOT) for f in (ROOT / "sudoku" / "models").glob("*/*")]
     assert len(shipped) == 4 * 4  # config, generation config, weights, tokenizer; 4x4 and 6x6, each with a baseline
     assert all(f"dgemma/{f}" in names for f in shipped)
-    assert not any(n.startswith(("model/", "runtime/", "tests/", "dgemma/tests/")) for n in names)  # no bare packages
+    assert not any(
+        n.startswith(("model/", "runtime/", "training/", "sudoku/", "tests/", "dgemma/tests/")) for n in names
+    )  # no bare packages
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "dgemma = dgemma.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     # the installed package finds its own shipped model and loads it through the official loader
     probe = (
-        "import dgemma, dgemma.cli; from dgemma import Pipeline; from dgemma.runtime.solve import shipped; "
+        "import dgemma, dgemma.cli; from dgemma import Pipeline; from dgemma.sudoku.solve import shipped; "
         "Pipeline.from_pretrained(shipped(4)); print(dgemma.__file__)"
     )
     done = subprocess.run(

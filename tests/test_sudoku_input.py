@@ -9,13 +9,13 @@ import torch
 
 from dgemma import DiffusionGemma, Pipeline
 from dgemma.errors import DgemmaError
-from dgemma.runtime import sudoku
-from dgemma.runtime.solve import shipped, solve, solve_greedy
+from dgemma.sudoku import board
+from dgemma.sudoku.solve import shipped, solve, solve_greedy
 
 EASY_4X4 = "0234032001033010"  # unique solution
 EASY_6X6 = "023410541236034002206143015604062051"
-FEWEST_4X4 = "0100000004010030"  # 4 clues, a unique solution: sudoku.MIN_CLUES[4]
-FEWEST_6X6 = "000100000003003040000600020005060000"  # 8 clues, a unique solution: sudoku.MIN_CLUES[6]
+FEWEST_4X4 = "0100000004010030"  # 4 clues, a unique solution: board.MIN_CLUES[4]
+FEWEST_6X6 = "000100000003003040000600020005060000"  # 8 clues, a unique solution: board.MIN_CLUES[6]
 
 
 @pytest.mark.parametrize(
@@ -34,22 +34,22 @@ FEWEST_6X6 = "000100000003003040000600020005060000"  # 8 clues, a unique solutio
 )
 def test_parse_refuses_bad_puzzles_naming_them(text, words):
     with pytest.raises(DgemmaError) as e:
-        sudoku.parse(text)
+        board.parse(text)
     assert words in str(e.value)
 
 
 def test_parse_accepts_what_it_should():
     assert "٣".isdigit()  # why parse checks against ASCII digits, not with isdigit
-    assert sudoku.fmt(sudoku.parse(" 0234 0320\t0103 3010\n")) == EASY_4X4
-    assert sudoku.repeated(sudoku.parse(EASY_6X6)) is None
+    assert board.fmt(board.parse(" 0234 0320\t0103 3010\n")) == EASY_4X4
+    assert board.repeated(board.parse(EASY_6X6)) is None
     with pytest.raises(DgemmaError, match="not int"):
-        sudoku.parse(1234)
+        board.parse(1234)
 
 
 def test_read_puzzles_names_the_file_and_line(tmp_path):
     path = tmp_path / "puzzles.txt"
     path.write_bytes(b"\xef\xbb\xbf# a byte-order mark, a comment and a blank line\n\n" + EASY_4X4.encode() + b"\n")
-    assert sudoku.read_puzzles(path) == [sudoku.parse(EASY_4X4)]
+    assert board.read_puzzles(path) == [board.parse(EASY_4X4)]
     cases = [
         (f"# fine\n{EASY_4X4}\n".encode() + b"\xff\xfe" + b"0" * 14, "line 3: not UTF-8 text (byte 0xff)"),
         (b"", "holds no puzzles"),
@@ -61,16 +61,16 @@ def test_read_puzzles_names_the_file_and_line(tmp_path):
     for data, words in cases:
         path.write_bytes(data)
         with pytest.raises(DgemmaError) as e:
-            sudoku.read_puzzles(path)
+            board.read_puzzles(path)
         assert f"{path}" in str(e.value) and words in str(e.value), data
     with pytest.raises(FileNotFoundError):
-        sudoku.read_puzzles(tmp_path / "missing.txt")
+        board.read_puzzles(tmp_path / "missing.txt")
 
 
 def test_solvers_refuse_empty_mixed_and_foreign_puzzle_lists():
     pipe = Pipeline.from_pretrained(shipped(4), dtype=torch.float32)
     baseline = DiffusionGemma.from_pretrained(shipped(4, baseline=True), dtype=torch.float32)
-    four, six = sudoku.parse(EASY_4X4), sudoku.parse(EASY_6X6)
+    four, six = board.parse(EASY_4X4), board.parse(EASY_6X6)
     for run in (lambda p, **kw: solve(pipe, p, **kw), lambda p, **kw: solve_greedy(baseline, p, **kw)):
         with pytest.raises(DgemmaError, match="no puzzles given"):
             run([])
@@ -102,30 +102,30 @@ def test_solvers_refuse_empty_mixed_and_foreign_puzzle_lists():
 def test_held_out_refuses_what_it_could_never_generate(n, count, blanks, words):
     start = time.perf_counter()
     with pytest.raises(DgemmaError) as e:
-        sudoku.held_out(n, count, seed=0, blanks=blanks)
+        board.held_out(n, count, seed=0, blanks=blanks)
     assert words in str(e.value) and time.perf_counter() - start < 1
 
 
 def test_held_out_gives_up_on_a_rare_blank_count():
     """8 clues on 6x6 occur, but about one random grid in 100 yields one: a clear error within 100 grids."""
     with pytest.raises(DgemmaError, match="only [01] of 100 random 6x6 grids .* ask for fewer blanks"):
-        sudoku.held_out(6, 1000, seed=0, blanks=(28, 28))
+        board.held_out(6, 1000, seed=0, blanks=(28, 28))
 
 
 def test_the_fewest_clues_are_reachable():
-    pairs = sudoku.held_out(4, 2, seed=0, blanks=(12, 12))
-    assert [p.count(0) for p, _ in pairs] == [12, 12] and all(sudoku.solutions(p) == [s] for p, s in pairs)
-    puzzle = sudoku.parse(FEWEST_6X6)
-    assert 36 - puzzle.count(0) == sudoku.MIN_CLUES[6] and len(sudoku.solutions(puzzle)) == 1
-    assert 16 - sudoku.parse(FEWEST_4X4).count(0) == sudoku.MIN_CLUES[4]
+    pairs = board.held_out(4, 2, seed=0, blanks=(12, 12))
+    assert [p.count(0) for p, _ in pairs] == [12, 12] and all(board.solutions(p) == [s] for p, s in pairs)
+    puzzle = board.parse(FEWEST_6X6)
+    assert 36 - puzzle.count(0) == board.MIN_CLUES[6] and len(board.solutions(puzzle)) == 1
+    assert 16 - board.parse(FEWEST_4X4).count(0) == board.MIN_CLUES[4]
 
 
 def test_blank_refuses_impossible_counts():
-    grid = sudoku.random_grid(4, random.Random(0))
+    grid = board.random_grid(4, random.Random(0))
     rng = random.Random(0)
-    assert sudoku.blank(grid, 16, rng).count(0) == 16  # without uniqueness, every cell may go
+    assert board.blank(grid, 16, rng).count(0) == 16  # without uniqueness, every cell may go
     for blanks, unique, words in ((17, False, "at most 16"), (13, True, "at most 12"), (-1, False, "blanks -1")):
         with pytest.raises(DgemmaError, match=words):
-            sudoku.blank(grid, blanks, rng, unique=unique)
+            board.blank(grid, blanks, rng, unique=unique)
     with pytest.raises(DgemmaError, match="not 15"):
-        sudoku.blank(grid[:-1], 3, rng)
+        board.blank(grid[:-1], 3, rng)

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 
 from dgemma import DiffusionGemma
 from dgemma.errors import DgemmaError
-from dgemma.runtime.train import Puzzles, Recipe, init_weights, save_checkpoint, train
+from dgemma.sudoku.train import Puzzles, SudokuRecipe
+from dgemma.training.trainer import init_weights, train
 
 TINY = dict(size=4, batch=4, hidden=16, layers=1, warmup=1)  # a few ms a step
 RUN_FILES = {
@@ -84,52 +85,52 @@ class Payload:
 )
 def test_recipe_refuses_each_bad_field(field, value, words):
     with pytest.raises(DgemmaError, match=f"Recipe.{field}") as e:
-        Recipe(**(TINY | {field: value}))
+        SudokuRecipe(**(TINY | {field: value}))
     assert words in str(e.value)
 
 
 def test_recipe_refuses_a_width_whose_heads_do_not_group():
     with pytest.raises(DgemmaError, match="Recipe.hidden 80 gives 5 heads of 16"):  # over 2 sliding KV heads
-        Recipe(**(TINY | {"hidden": 80, "layers": 2}))
+        SudokuRecipe(**(TINY | {"hidden": 80, "layers": 2}))
 
 
 def test_recipe_takes_ints_for_floats_and_lists_for_blanks():
-    recipe = Recipe(**TINY, lr=1, blanks=[2, 6])
+    recipe = SudokuRecipe(**TINY, lr=1, blanks=[2, 6])
     assert recipe.lr == 1.0 and type(recipe.lr) is float and recipe.blanks == (2, 6)
 
 
 def test_train_refuses_bad_arguments_before_writing(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(DgemmaError, match="save_every 0"):
-        train(Recipe(**TINY, steps=1), out, save_every=0, log=quiet)
+        train(SudokuRecipe(**TINY, steps=1), out, save_every=0, log=quiet)
     with pytest.raises(DgemmaError, match="'tpu'"):
-        train(Recipe(**TINY, steps=1), out, device="tpu", log=quiet)
-    recipe = Recipe(**TINY, steps=1)
+        train(SudokuRecipe(**TINY, steps=1), out, device="tpu", log=quiet)
+    recipe = SudokuRecipe(**TINY, steps=1)
     recipe.batch = 0  # a dataclass field can be changed after the checks ran: train checks again
     with pytest.raises(DgemmaError, match="Recipe.batch 0"):
         train(recipe, out, log=quiet)
-    recipe = Recipe(**TINY, steps=1)
+    recipe = SudokuRecipe(**TINY, steps=1)
     recipe.blanks = (3, 20)
     with pytest.raises(DgemmaError, match="at most 16 blanks"):
         Puzzles(recipe)
     assert not out.exists()
     out.write_text("a file")
     with pytest.raises(DgemmaError, match=f"out {out} is a file"):
-        train(Recipe(**TINY, steps=1), out, log=quiet)
+        train(SudokuRecipe(**TINY, steps=1), out, log=quiet)
     assert out.read_text() == "a file"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 def test_train_on_a_missing_gpu_is_a_clean_error(tmp_path):
     with pytest.raises(DgemmaError, match="no CUDA GPU"):
-        train(Recipe(**TINY, steps=1), tmp_path / "out", device="cuda", log=quiet)
+        train(SudokuRecipe(**TINY, steps=1), tmp_path / "out", device="cuda", log=quiet)
     assert not (tmp_path / "out").exists()
 
 
 def pickled_run(folder: pathlib.Path, marker: pathlib.Path) -> pathlib.Path:
     """A run folder as an earlier version wrote it: the checkpoint, and a trainer_state.pt that runs code."""
-    recipe = Recipe(**TINY)
-    save_checkpoint(init_weights(DiffusionGemma(recipe.model_config()), 0), folder, recipe.generation_config())
+    recipe = SudokuRecipe(**TINY)
+    recipe.save_checkpoint(init_weights(DiffusionGemma(recipe.model_config()), 0), folder)
     torch.save({"step": Payload(marker), "recipe": {}}, folder / "trainer_state.pt")
     return folder
 
@@ -146,7 +147,7 @@ def test_resume_never_unpickles_a_trainer_state_pt(tmp_path):
     marker = tmp_path / "marker"
     run = pickled_run(tmp_path / "run", marker)
     with pytest.raises(DgemmaError, match="trainer_state.pt: a trainer state in the old pickle format"):
-        train(Recipe(**TINY, steps=2), tmp_path / "out", resume=run, log=quiet)
+        train(SudokuRecipe(**TINY, steps=2), tmp_path / "out", resume=run, log=quiet)
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
@@ -168,20 +169,20 @@ def test_cli_resume_from_a_pickled_state_is_one_error_line(tmp_path):
 def run(tmp_path_factory) -> pathlib.Path:
     """A real run folder, 2 steps; each test corrupts its own copy."""
     folder = tmp_path_factory.mktemp("run") / "run"
-    train(Recipe(**TINY, steps=2), folder, log=quiet)
+    train(SudokuRecipe(**TINY, steps=2), folder, log=quiet)
     return folder
 
 
 def test_a_run_folder_holds_the_checkpoint_and_the_state_without_pickle(run, tmp_path):
     assert {p.name for p in run.iterdir()} == RUN_FILES
     state = json.loads((run / "trainer_state.json").read_text())
-    assert state["step"] == 2 and state["recipe"] == json.loads(json.dumps(asdict(Recipe(**TINY, steps=2))))
+    assert state["step"] == 2 and state["recipe"] == json.loads(json.dumps(asdict(SudokuRecipe(**TINY, steps=2))))
     with safe_open(run / "trainer_state.safetensors", "pt") as f:
         assert f.metadata()["step"] == "2" and f.get_tensor("generator").dtype == torch.uint8
     # Saving over a folder an earlier version wrote drops its stale trainer_state.pt.
     folder = shutil.copytree(run, tmp_path / "again")
     (folder / "trainer_state.pt").write_bytes(b"stale")
-    train(Recipe(**TINY, steps=1), folder, log=quiet)
+    train(SudokuRecipe(**TINY, steps=1), folder, log=quiet)
     assert {p.name for p in folder.iterdir()} == RUN_FILES
 
 
@@ -259,7 +260,7 @@ def test_resume_refuses_a_bad_trainer_state(run, tmp_path, corrupt, words):
     corrupt(folder)
     out = tmp_path / "out"
     with pytest.raises(DgemmaError) as e:
-        train(Recipe(**TINY, steps=4), out, resume=folder, log=quiet)
+        train(SudokuRecipe(**TINY, steps=4), out, resume=folder, log=quiet)
     assert words in str(e.value) and str(folder) in str(e.value)
     assert not out.exists()
 
@@ -267,14 +268,14 @@ def test_resume_refuses_a_bad_trainer_state(run, tmp_path, corrupt, words):
 def test_resume_refuses_a_missing_folder_a_finished_run_and_another_models_weights(run, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(DgemmaError, match="resume folder .* does not exist"):
-        train(Recipe(**TINY, steps=4), out, resume=tmp_path / "nowhere", log=quiet)
+        train(SudokuRecipe(**TINY, steps=4), out, resume=tmp_path / "nowhere", log=quiet)
     with pytest.raises(DgemmaError, match="steps 2: the run in .* is at step 2 already"):
-        train(Recipe(**TINY, steps=2), out, resume=run, log=quiet)
+        train(SudokuRecipe(**TINY, steps=2), out, resume=run, log=quiet)
     folder = shutil.copytree(run, tmp_path / "run")
-    wider = Recipe(**(TINY | {"hidden": 32}))
-    save_checkpoint(init_weights(DiffusionGemma(wider.model_config()), 0), folder, wider.generation_config())
+    wider = SudokuRecipe(**(TINY | {"hidden": 32}))
+    wider.save_checkpoint(init_weights(DiffusionGemma(wider.model_config()), 0), folder)
     with pytest.raises(DgemmaError, match="config.json does not match the recipe"):
-        train(Recipe(**TINY, steps=4), out, resume=folder, log=quiet)
+        train(SudokuRecipe(**TINY, steps=4), out, resume=folder, log=quiet)
     assert not out.exists()
 
 
@@ -292,8 +293,8 @@ def test_an_interrupted_save_leaves_no_trainer_state_beside_newer_weights(tmp_pa
     monkeypatch.setattr(os, "replace", dying_replace)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="disk full"):
-        train(Recipe(**TINY, steps=2), out, save_every=1, log=quiet)
+        train(SudokuRecipe(**TINY, steps=2), out, save_every=1, log=quiet)
     monkeypatch.undo()
     assert {p.name for p in out.iterdir()} == RUN_FILES - {"trainer_state.json"}
     with pytest.raises(DgemmaError, match="trainer_state.json does not exist: .* interrupted"):
-        train(Recipe(**TINY, steps=4), tmp_path / "again", resume=out, log=quiet)
+        train(SudokuRecipe(**TINY, steps=4), tmp_path / "again", resume=out, log=quiet)

@@ -1,6 +1,6 @@
 """Solving Sudoku with a trained checkpoint: the diffusion sampler, the greedy autoregressive baseline, the scores.
 
-The shipped models live in runtime/models/ as package data, in the same Hugging Face layout as any checkpoint.
+The shipped models live in sudoku/models/ as package data, in the same Hugging Face layout as any checkpoint.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 
 from ..errors import DgemmaError
 from ..model.model import DiffusionGemma
-from . import sudoku
-from .pipeline import Pipeline
+from ..runtime.pipeline import Pipeline
+from . import board
 
 MODELS = Path(__file__).parent / "models"
 
@@ -34,7 +34,7 @@ def check_size(model: DiffusionGemma, n: int) -> None:
 
 def check_puzzles(model: DiffusionGemma, puzzles: list[list[int]], batch: int) -> int:
     """The puzzles' common size n, checked against the model's canvas, and a usable batch size."""
-    n = sudoku.size_of_all(puzzles)
+    n = board.size_of_all(puzzles)
     check_size(model, n)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise DgemmaError(f"batch {batch!r}: solve at least one puzzle at a time")
@@ -47,10 +47,10 @@ def solve(pipe: Pipeline, puzzles: list[list[int]], *, seed: int = 0, batch: int
     n = check_puzzles(pipe.model, puzzles, batch)
     grids, passes = [], []
     for i in range(0, len(puzzles), batch):
-        rows = [sudoku.prompt_ids(p) for p in puzzles[i : i + batch]]
+        rows = [board.prompt_ids(p) for p in puzzles[i : i + batch]]
         out = pipe.generate(rows, seed=seed + i, on_draft=on_draft, **sampling)
         P = len(rows[0])
-        grids += [sudoku.cells_of(row, n) for row in out.sequences[:, P:].tolist()]
+        grids += [board.cells_of(row, n) for row in out.sequences[:, P:].tolist()]
         passes += out.stats.decoder_passes
     return grids, passes
 
@@ -61,14 +61,14 @@ def solve_greedy(model: DiffusionGemma, puzzles: list[list[int]], *, batch: int 
     n = check_puzzles(model, puzzles, batch)
     grids = []
     for i in range(0, len(puzzles), batch):
-        prompt = torch.tensor([sudoku.prompt_ids(p) for p in puzzles[i : i + batch]], device=model.device)
+        prompt = torch.tensor([board.prompt_ids(p) for p in puzzles[i : i + batch]], device=model.device)
         cache = model.new_cache(prompt.shape[0], prompt.shape[1] + n * n)
         h = model.encode(prompt, cache)
         cells = []
         for _ in range(n * n):
             cells.append(model.logits(h[:, -1]).argmax(-1))
             h = model.encode(cells[-1][:, None], cache)
-        grids += [sudoku.cells_of(row, n) for row in torch.stack(cells, dim=1).tolist()]
+        grids += [board.cells_of(row, n) for row in torch.stack(cells, dim=1).tolist()]
     return grids
 
 
@@ -84,7 +84,7 @@ class Score:
 
 
 def score(puzzles, solutions, grids, passes=None) -> Score:
-    solved = sum(sudoku.is_valid(g) and sudoku.keeps_clues(g, p) for p, g in zip(puzzles, grids, strict=True))
+    solved = sum(board.is_valid(g) and board.keeps_clues(g, p) for p, g in zip(puzzles, grids, strict=True))
     blanks = [
         (s[i], g[i]) for p, s, g in zip(puzzles, solutions, grids, strict=True) for i, c in enumerate(p) if c == 0
     ]

@@ -18,15 +18,15 @@ from rich.text import Text
 from ..errors import DgemmaError
 from ..model.checkpoint import LOAD_DTYPES
 from ..model.model import DiffusionGemma
-from . import sudoku
-from .pipeline import Draft, Pipeline
+from ..runtime.pipeline import Draft, Pipeline
+from . import board
 from .solve import score, shipped, solve, solve_greedy
 
 LEGEND = "[bold]bold[/] clue  [green]green[/] accepted  [black on yellow]yellow[/] changed  [dim]dim[/] redrawn"
 
 
 def render(cells: list[int], n: int, styles: list[str]) -> Text:
-    br, bc = sudoku.BOXES[n]
+    br, bc = board.BOXES[n]
     text = Text()
     for r in range(n):
         if r and r % br == 0:
@@ -53,23 +53,23 @@ def draft_styles(puzzle: list[int], cells: list[int], d: Draft) -> list[str]:
 def solve_one(args, console: Console) -> None:
     torch.set_num_threads(args.threads)
     if args.puzzle:
-        puzzle = sudoku.parse(args.puzzle)
-        n = sudoku.size_of(len(puzzle))
+        puzzle = board.parse(args.puzzle)
+        n = board.size_of(len(puzzle))
         if args.size not in (None, n):
             raise DgemmaError(f"--size {args.size} but the puzzle is {n}x{n}")
     else:
         n = args.size or 4
-        puzzle = sudoku.held_out(n, 1, seed=args.seed)[0][0]
-    if not sudoku.solutions(puzzle, limit=1):
-        raise DgemmaError(f"{sudoku.fmt(puzzle)} has no solution")
+        puzzle = board.held_out(n, 1, seed=args.seed)[0][0]
+    if not board.solutions(puzzle, limit=1):
+        raise DgemmaError(f"{board.fmt(puzzle)} has no solution")
     pipe = Pipeline.from_pretrained(args.model or shipped(n), dtype=LOAD_DTYPES[args.dtype])
     budget = args.max_denoising_steps or pipe.sampling_config().max_denoising_steps
-    console.print(f"puzzle {sudoku.fmt(puzzle)}: {puzzle.count(0)} blanks, up to {budget} steps", highlight=False)
+    console.print(f"puzzle {board.fmt(puzzle)}: {puzzle.count(0)} blanks, up to {budget} steps", highlight=False)
     console.print(LEGEND)
     live = Live(console=console, auto_refresh=False) if console.is_terminal else None
 
     def on_draft(d: Draft):
-        cells = sudoku.cells_of(d.argmax[0].tolist(), n)
+        cells = board.cells_of(d.argmax[0].tolist(), n)
         accepted, changed = int(d.accepted[0, : n * n].sum()), int(d.changed[0, : n * n].sum())
         title = f"step {d.step + 1}: accepted {accepted}, changed {changed}"
         frame = Panel(render(cells, n, draft_styles(puzzle, cells, d)), title=title, expand=False)
@@ -88,18 +88,18 @@ def solve_one(args, console: Console) -> None:
         if live is not None:
             live.stop()
     seconds = time.perf_counter() - start
-    valid, clues = sudoku.is_valid(grid), sudoku.keeps_clues(grid, puzzle)
+    valid, clues = board.is_valid(grid), board.keeps_clues(grid, puzzle)
     styles = ["bold" if p else "green" if valid else "red" for p in puzzle]
     console.print(Panel(render(grid, n, styles), title=f"answer after {steps} of {budget} steps", expand=False))
     yes = {True: "[green]yes[/]", False: "[red]no[/]"}
     console.print(f"valid: {yes[valid]}  keeps every clue: {yes[clues]}  steps: {steps}  ({seconds:.2f} s)")
-    console.print(f"answer {sudoku.fmt(grid)}", highlight=False)
+    console.print(f"answer {board.fmt(grid)}", highlight=False)
 
 
 def evaluate(args, console: Console) -> None:
     torch.set_num_threads(args.threads)
     if args.puzzles:
-        pairs = [(p, sudoku.solutions(p)) for p in sudoku.read_puzzles(args.puzzles)]
+        pairs = [(p, board.solutions(p)) for p in board.read_puzzles(args.puzzles)]
         if skipped := sum(len(s) != 1 for _, s in pairs):
             console.print(f"skipping {skipped} puzzles without a unique solution")
         pairs = [(p, s[0]) for p, s in pairs if len(s) == 1]
@@ -107,9 +107,9 @@ def evaluate(args, console: Console) -> None:
             raise DgemmaError(f"{args.puzzles} needs puzzles of one size with unique solutions")
     else:
         blanks = tuple(args.blanks) if args.blanks else None
-        pairs = sudoku.held_out(args.size, args.count, seed=args.seed, blanks=blanks)
+        pairs = board.held_out(args.size, args.count, seed=args.seed, blanks=blanks)
     puzzles, solutions = [p for p, _ in pairs], [s for _, s in pairs]
-    n = sudoku.size_of(len(puzzles[0]))
+    n = board.size_of(len(puzzles[0]))
     pipe = Pipeline.from_pretrained(args.model or shipped(n), dtype=LOAD_DTYPES[args.dtype])
     rows = []
     for steps in args.steps or [pipe.sampling_config().max_denoising_steps]:
@@ -138,12 +138,12 @@ def evaluate(args, console: Console) -> None:
 
 
 def train(args, console: Console) -> None:
-    from .train import Recipe
-    from .train import train as run
+    from ..training.trainer import train as run
+    from .train import SudokuRecipe
 
     torch.set_num_threads(args.threads)
     blanks = tuple(args.blanks) if args.blanks else None
-    recipe = Recipe(
+    recipe = SudokuRecipe(
         size=args.size, blanks=blanks, objective=args.objective, lm_weight=args.lm_weight, steps=args.steps,
         batch=args.batch, lr=args.lr, hidden=args.hidden, layers=args.layers, experts=args.experts, top_k=args.top_k,
         seed=args.seed, denoising_steps=args.denoising_steps,

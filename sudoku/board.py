@@ -1,4 +1,5 @@
-"""Sudoku as a DiffusionGemma task: grids, puzzles, a solution counter, and the token layout the model reads.
+"""The Sudoku board: grids, puzzles, a solution counter, and the token layout the model reads. No torch: the command
+line imports BOXES from here to build its options.
 
 Grids are flat lists of n*n ints (0 a blank), n in {4, 6, 9} with 2x2, 2x3 and 3x3 boxes. Complete grids come from
 randomized backtracking and are multiplied by the symmetries that keep a grid valid (digit relabelling, row and
