@@ -1,9 +1,10 @@
 """Block-diffusion generation: prefill the prompt, denoise one 256-token canvas at a time, commit it, repeat.
 
-`generate_ids` is the loop of ../shared/docs/sampler.md section 3.10 over a model with the `encode`/`denoise` API;
-`Pipeline` adds the tokenizer, the chat format, batching with left padding and the checkpoint's generation defaults.
-With `reference=True` the loop draws its random numbers exactly as transformers' `generate` does (same calls, same
-shapes, same order on the global RNG), so the same `torch.manual_seed` gives the same tokens.
+`generate_ids` is the loop of transformers' `DiffusionGemmaForBlockDiffusion.generate`, over any model of the
+`interface.Model` protocol; `Pipeline` adds the tokenizer, the chat format, batching with left padding and the
+checkpoint's generation defaults. With `reference=True` the loop draws its random numbers exactly as transformers'
+`generate` does (same calls, same shapes, same order on the global RNG), so the same `torch.manual_seed` gives the
+same tokens.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The entropy-bound sampler of ../shared/docs/sampler.md section 3, as pure functions over one denoising step.
+"""DiffusionGemma's entropy-bound sampler (transformers' EntropyBoundSampler), as pure functions over one denoising
+step.
 
 Per step: temperature-scale the soft-capped logits (a linear schedule keyed to the steps remaining), sample every
 position, accept the lowest-entropy positions whose entropies sum (less the largest) to at most the bound,
