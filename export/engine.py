@@ -5,17 +5,17 @@ Full TensorRT (`tensorrt`) is used when it is importable: it needs a GPU to buil
 architecture (Hopper included). Otherwise TensorRT-RTX (`tensorrt_rtx`), whose builder runs on a CPU (ahead-of-time
 compile; kernels are JIT-compiled on the device at first run), but whose engines run only on consumer and
 workstation RTX GPUs: not on H100/H200 (export.md section 2). Engines are tied to the package and version that built
-them, which the sidecar records and runtime/engine.py checks.
+them, which the sidecar records and runtime/engine.py checks. The export's embedding table is copied beside them.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+from ..errors import ExportError
 from . import sidecar
-from .sidecar import GRAPHS, ExportError, resolve
-
-PACKAGES = ("tensorrt", "tensorrt_rtx")  # in order of preference
+from .sidecar import EMBEDDING, GRAPHS, PACKAGES, count, resolve
 
 
 def tensorrt():
@@ -80,22 +80,27 @@ def build_engines(onnx_dir, out_dir, *, opt_prompt: int | None = None, opt_batch
 
     opt_prompt: the committed length the profile is tuned for (default: half the export's max_prompt).
     """
-    onnx_dir = Path(onnx_dir)
+    onnx_dir = sidecar.folder_arg(onnx_dir, "the ONNX export (--onnx)")
     meta = sidecar.read(onnx_dir)
     if meta["kind"] != "onnx":
         raise ExportError(f"{onnx_dir} holds engines, not ONNX graphs: pass the folder `dgemma export onnx` wrote")
-    trt = tensorrt()
     dims = {name: dict(d) for name, d in meta["dims"].items()}
-    dims["batch"]["opt"] = min(opt_batch, dims["batch"]["max"])
-    dims["past_full"]["opt"] = min(opt_prompt or max(dims["past_full"]["max"] // 2, 1), dims["past_full"]["max"])
+    batch, past = dims["batch"], dims["past_full"]
+    batch["opt"] = count(opt_batch, "opt_batch (--opt-batch)", batch["min"], batch["max"])
+    opt_prompt = max(past["max"] // 2, 1) if opt_prompt is None else opt_prompt
+    past["opt"] = count(opt_prompt, "opt_prompt (--opt-prompt)", past["min"], past["max"])
     if "past_sliding" in dims:  # sliding layers see W - 1 committed keys from then on
         dims["past_sliding"]["opt"] = dims["past_sliding"]["max"]
+    sidecar.output_folder(out_dir, within=(onnx_dir,))
+    sidecar.read_embedding(onnx_dir, meta)  # a damaged table is refused here, not by the runtime
+    trt = tensorrt()
     engines, profiles = {}, {}
-    with sidecar.staging(out_dir) as tmp:
+    with sidecar.staging(out_dir, within=(onnx_dir,)) as tmp:
         for graph in GRAPHS:
             profiles[graph] = profile_shapes(meta["graphs"][graph], dims)
             engines[graph] = f"{graph}.engine"
             (tmp / engines[graph]).write_bytes(build(trt, onnx_dir / meta["graphs"][graph]["file"], profiles[graph]))
+        shutil.copyfile(onnx_dir / EMBEDDING, tmp / EMBEDDING)
         meta["kind"], meta["dims"] = "engine", dims
         meta["engine"] = {"package": trt.__name__, "version": trt.__version__, "files": engines, "profiles": profiles}
         sidecar.write(tmp, meta)

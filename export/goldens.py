@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ExportError
 from ..runtime.engine import load
 from . import sidecar
 from .graphs import DecoderGraph
 from .onnx import load as load_model
-from .sidecar import DTYPES, ExportError
+from .sidecar import DTYPES, count
 
 
 def step_inputs(checkpoint, onnx_dir, prompt: int, seed: int) -> dict[str, torch.Tensor]:
@@ -41,11 +42,21 @@ def save_goldens(checkpoint, onnx_dir, out_dir, *, dtype: str = "bf16", prompt: 
     from polygraphy.comparator import Comparator
     from polygraphy.json import save_json
 
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ExportError(f"dtype (the engine's, --dtype) must be one of {list(DTYPES)}, not {dtype!r}")
+    count(seed, "seed", 0, 2**63 - 1)
+    onnx_dir = sidecar.folder_arg(onnx_dir, "the ONNX export (--onnx)")
+    checkpoint = sidecar.folder_arg(checkpoint, "the checkpoint folder (--model)")
     meta = sidecar.read(onnx_dir)
     if meta["kind"] != "onnx" or meta["dtype"] != "fp32" or meta["decoder_output"] != "logits":
-        raise ExportError("goldens come from an fp32 ONNX export with logits output (ONNX Runtime on the CPU)")
-    if dtype not in DTYPES:
-        raise ExportError(f"the engine's dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+        raise ExportError(
+            f"{onnx_dir} is a {meta['dtype']} {meta['kind']} export of {meta['decoder_output']}: goldens come from an "
+            "fp32 ONNX export with logits output (ONNX Runtime on the CPU)"
+        )
+    config = sidecar.config_of(meta)  # the prompt and the canvas after it fit the export's range and the positions
+    longest = min(meta["dims"]["past_full"]["max"], config.max_position_embeddings - config.canvas_length)
+    count(prompt, "prompt (the committed length)", 1, longest)
+    sidecar.output_folder(out_dir, reading=(checkpoint,), within=(onnx_dir,))
     feeds = step_inputs(checkpoint, onnx_dir, prompt, seed)
     names = [e["name"] for e in meta["graphs"]["decoder"]["inputs"]]  # in the graph's order
     engine_feeds = {k: feeds[k].to(DTYPES[dtype]) if feeds[k].is_floating_point() else feeds[k] for k in names}
@@ -60,7 +71,7 @@ def save_goldens(checkpoint, onnx_dir, out_dir, *, dtype: str = "bf16", prompt: 
         past = [engine_feeds[f"past_{kv}_{i}"] for i in range(n) for kv in ("key", "value")]
         eager = graph(engine_feeds["canvas_ids"], engine_feeds["soft"], engine_feeds["positions"], masks, past)
     atol = 2 * (eager.float() - golden).abs().max().item()
-    with sidecar.staging(out_dir) as tmp:
+    with sidecar.staging(out_dir, reading=(checkpoint,), within=(onnx_dir,)) as tmp:
         save_json([engine_feeds], tmp / "inputs.json", description="decoder inputs")
         results.save(str(tmp / "golden.json"))
         (tmp / "compare.sh").write_text(command(atol))

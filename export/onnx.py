@@ -9,6 +9,7 @@ Graph inputs (B batch, C canvas length, Pf / Ps the committed keys full / slidin
     encoder  ids (B, C) int64 (a chunk right-padded to C), positions, masks and past K/V as above
              -> key_{i}, value_{i} (B, Hkv, C, d): the chunk's K/V of every layer
 B, Pf and Ps are dynamic; the masks carry the window mode and left padding (runtime/engine.py builds them).
+Beside them, embedding.safetensors holds the embedding table the graphs were traced with (sidecar.py says why).
 """
 
 from __future__ import annotations
@@ -22,19 +23,18 @@ import onnx
 import torch
 from torch.export import Dim
 
+from ..errors import ExportError
+from ..model.cache import WINDOW_MODES
 from ..model.checkpoint import read_config
 from ..model.config import FULL, SLIDING
 from ..model.model import DiffusionGemma
 from . import sidecar
 from .custom_ops import attach, moe_function, moe_node
 from .graphs import OUTPUTS, DecoderGraph, EncoderGraph, dense_moe
-from .sidecar import DTYPES, SHORT, ExportError
+from .sidecar import DTYPES, MAX_BATCH, SHORT, count
 from .weights import share_weights
 
 OPSET = 23
-ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"} | {
-    onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool"
-}  # fmt: skip
 
 
 def dims(config, max_prompt: int, max_batch: int) -> dict[str, dict[str, int]]:
@@ -135,20 +135,11 @@ def separate_masks(path: Path) -> None:
 
 
 def describe(path: Path) -> dict:
-    """A graph's inputs and outputs for the sidecar: name, dtype, shape (ints, dimension names, `name + k`)."""
-    graph = onnx.load(path, load_external_data=False).graph
-
-    def entry(v):
-        t = v.type.tensor_type
-        shape = [d.dim_param or d.dim_value for d in t.shape.dim]
-        return {"name": v.name, "dtype": ONNX_DTYPES[t.elem_type], "shape": shape}
-
-    return {"file": path.name, "inputs": [entry(v) for v in graph.input], "outputs": [entry(v) for v in graph.output]}
+    return sidecar.describe(path, onnx.load(path, load_external_data=False).graph)
 
 
 def load(model_dir, dtype: str) -> DiffusionGemma:
-    if dtype not in DTYPES:
-        raise ExportError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    """The checkpoint's model in the export dtype `dtype` (a key of DTYPES, checked by the caller)."""
     # fp16 is rounded once from fp32; the checkpoint loader itself reads bf16 or fp32.
     stored = torch.bfloat16 if dtype == "bf16" else torch.float32
     return DiffusionGemma.from_pretrained(model_dir, dtype=stored).to(DTYPES[dtype])
@@ -171,15 +162,26 @@ def export_onnx(
     min(4096, max_position_embeddings); it bounds TensorRT's optimization profile. max_batch likewise.
     custom_ops: the MoE as a function-bodied dgemma::MoE node (custom_ops.py).
     """
-    if output not in OUTPUTS:
-        raise ExportError(f"output must be one of {OUTPUTS}, not {output!r}")
+    for name, value, options in (
+        ("dtype", dtype, DTYPES),
+        ("output", output, OUTPUTS),
+        ("window", window, WINDOW_MODES),
+    ):
+        if not isinstance(value, str) or value not in options:
+            raise ExportError(f"{name} must be one of {list(options)}, not {value!r}")
+    if not isinstance(custom_ops, bool):
+        raise ExportError(f"custom_ops must be True or False, not {custom_ops!r}")
+    model_dir = sidecar.folder_arg(model_dir, "the checkpoint folder (--model)")
     config = read_config(model_dir)  # a clear error for a missing or bad checkpoint before anything is written
-    max_prompt = max_prompt or min(4096, config.max_position_embeddings)
-    if max_prompt < 1 or max_batch < 1:
-        raise ExportError("max_prompt and max_batch must be at least 1")
+    positions = config.max_position_embeddings
+    if max_prompt is None:
+        max_prompt = min(4096, positions)
+    count(max_prompt, "max_prompt (--max-prompt)", 1, positions)
+    count(max_batch, "max_batch (--max-batch)", 1, MAX_BATCH)
+    sidecar.output_folder(out_dir, reading=(model_dir,))
     model = load(model_dir, dtype)
     moe = moe_node if custom_ops else dense_moe
-    with torch.no_grad(), sidecar.staging(out_dir) as tmp:
+    with torch.no_grad(), sidecar.staging(out_dir, reading=(model_dir,)) as tmp:
         graphs = {"decoder": DecoderGraph(model, output, moe), "encoder": EncoderGraph(model, moe)}
         for name, graph in graphs.items():
             trace(graph, tmp / f"{name}.onnx", decoder=name == "decoder")
@@ -191,6 +193,7 @@ def export_onnx(
                 attach(tmp / f"{name}.onnx", function)
         for name in graphs:
             onnx.checker.check_model(tmp / f"{name}.onnx")
+        sidecar.write_embedding(tmp, model.embed_tokens.weight)
         sidecar.write(
             tmp,
             {
@@ -204,7 +207,7 @@ def export_onnx(
                 "dims": dims(config, max_prompt, max_batch),
                 "graphs": {name: describe(tmp / f"{name}.onnx") for name in graphs},
                 "config": asdict(config),
-                "checkpoint": {"path": str(Path(model_dir).resolve()), "fingerprint": sidecar.fingerprint(model_dir)},
+                "checkpoint": {"path": str(model_dir.resolve())},  # where it came from, for a reader
                 "versions": sidecar.versions("onnx", "onnxscript"),
             },
         )

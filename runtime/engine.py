@@ -2,17 +2,22 @@
 engine=FOLDER)` runs the loop of pipeline.py unchanged over an `EngineModel`.
 
 EngineModel has the part of DiffusionGemma's interface that `generate_ids` uses (config, dtype, device, new_cache,
-encode, denoise, denoise_hidden, soft_embedding, logits). It keeps the same KVCache: each pass gathers the prefix K/V
+encode, decode, denoise, soft_embedding, logits). It keeps the same KVCache: each pass gathers the prefix K/V
 in position order from the ring and builds the boolean masks from the cache's band (so both window modes and left
 padding work), and the encoder's chunk K/V are written back into the ring. The sampler, the soft embedding and (for
-graphs exported with output="hidden") the LM head run outside the graphs, on the checkpoint's embedding table on the
-model's device: on TensorRT in pipeline.DeviceLoop's kernels, on the same stream, with no host sync in a canvas (the
-vocabulary pass reads either output); on ONNX Runtime, whose device is the host, in the PyTorch loop.
+graphs exported with output="hidden") the LM head run outside the graphs, on the model's device, with the embedding
+table the graphs were traced with (the folder's embedding.safetensors, which must equal the checkpoint's): on
+TensorRT in pipeline.DeviceLoop's kernels, on the same stream, with no host sync in a canvas (the vocabulary pass
+reads either output); on ONNX Runtime, whose device is the host, in the PyTorch loop.
 
 Backends: ONNX Runtime on the CPU (fp32 or fp16 exports; it has no bf16 kernels), and TensorRT engines on a CUDA
 device. TensorRTRunner is written for a GPU user and has never executed here: the project's GPU machines have no
 TensorRT and TensorRT-RTX does not support Hopper. Its construction-time checks (sidecar against checkpoint and the
 installed TensorRT, a CUDA device) are tested on the CPU.
+
+Token ids from the caller (encode, denoise) are checked against the vocabulary, one host sync per pass: on a GPU an
+out-of-range id is a device-side assert or an engine's out-of-bounds gather. decode, the pass pipeline.DeviceLoop
+runs every step without a host sync, takes the sampler's ids unchecked (runtime/interface.py).
 
 Legend: B batch, T chunk tokens (the canvas length C), P committed keys a layer type sees.
 """
@@ -25,11 +30,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import DgemmaError, ExportError
 from ..export import sidecar
-from ..export.sidecar import DTYPES, GRAPHS, SHORT, ExportError
-from ..model.cache import KVCache
-from ..model.checkpoint import checkpoint_name, weight_files
+from ..export.sidecar import GRAPHS, PACKAGES, SHORT
+from ..model.cache import WINDOW_MODES, KVCache
 from ..model.config import FULL
+from ..model.device import resolve_device
 from ..model.model import DiffusionGemma
 
 ENGINE_BACKENDS = ("onnxruntime", "tensorrt")
@@ -38,12 +44,13 @@ ENGINE_BACKENDS = ("onnxruntime", "tensorrt")
 class EngineModel:
     """The DiffusionGemma interface generate_ids uses, over a runner of the exported decoder and encoder graphs."""
 
-    # the same torch code on the checkpoint's embedding table (and the cache the model's own)
+    # the same torch code on the export's embedding table (and the cache the model's own)
     soft_embedding, logits = DiffusionGemma.soft_embedding, DiffusionGemma.logits
     dtype, device, new_cache = DiffusionGemma.dtype, DiffusionGemma.device, DiffusionGemma.new_cache
 
     def __init__(self, runner, meta: dict, embedding: torch.Tensor, window: str, backend: str):
         self.runner, self.meta, self.window, self.backend = runner, meta, window, backend
+        self.device_loop = backend == "tensorrt"  # ONNX Runtime runs on the host: the per-step PyTorch loop
         self.config = sidecar.config_of(meta)
         self.embed_tokens = nn.Embedding.from_pretrained(embedding, freeze=True)
         self.inputs = {graph: {e["name"] for e in meta["graphs"][graph]["inputs"]} for graph in GRAPHS}
@@ -76,10 +83,30 @@ class EngineModel:
                 feeds[f"past_{name}_{i}"] = ring[:, :, slots[kind]] if len(slots[kind]) else empty
         return feeds
 
+    def check_ids(self, ids, cache: KVCache, what: str, length: int | None = None) -> torch.Tensor:
+        """Caller's token ids (B, T) as int64, refused unless an integer tensor of the cache's batch (and `length`
+        long), every id in the vocabulary: one host sync."""
+        V = self.config.vocab_size
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            found = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise DgemmaError(f"{what} must be an integer tensor (batch, tokens), not {found}")
+        if ids.shape[0] != cache.batch or ids.shape[1] == 0 or (length is not None and ids.shape[1] != length):
+            want = "tokens" if length is None else f"{length} tokens"
+            raise DgemmaError(f"{what} {tuple(ids.shape)} must hold {cache.batch} row(s) (the cache's batch) of {want}")
+        low, high = torch.stack(ids.aminmax()).tolist()
+        if low < 0 or high >= V:
+            raise DgemmaError(f"{what} holds token ids outside the vocabulary [0, {V}): {low} to {high}")
+        return ids.long()
+
     @torch.no_grad()
     def encode(self, ids, cache: KVCache, attention_mask=None) -> None:
         """Commits `ids` (B, T) chunk by chunk, each right-padded to the graph's static chunk length (causal
         attention keeps the padding invisible); returns None: the graph outputs only K/V."""
+        ids = self.check_ids(ids, cache, "ids")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
+            raise DgemmaError(
+                f"attention_mask {tuple(attention_mask.shape)} must have the ids' shape {tuple(ids.shape)}"
+            )
         C = cache.chunk
         for start in range(0, ids.shape[1], C):
             chunk = ids[:, start : start + C]
@@ -101,7 +128,7 @@ class EngineModel:
     def decoder_output(self) -> str:
         return self.meta["decoder_output"]
 
-    def decode(self, canvas_ids, cache: KVCache, soft):
+    def decode(self, canvas_ids, cache: KVCache, soft=None):
         """One decoder pass -> the graph's output: fp32 soft-capped logits (B, C, V) or hidden states (B, C, D)."""
         reused = self._prefix is not None and self._prefix[0] is cache and self._prefix[1] == cache.length
         if not reused:
@@ -117,24 +144,20 @@ class EngineModel:
     @torch.no_grad()
     def denoise(self, canvas_ids, cache: KVCache, self_conditioning=None):
         """As DiffusionGemma.denoise -> fp32 soft-capped logits (B, C, V)."""
+        canvas_ids = self.check_ids(canvas_ids, cache, "canvas_ids", self.config.canvas_length)
         soft = None if self_conditioning is None else self.soft_embedding(self_conditioning)
         out = self.decode(canvas_ids, cache, soft)
         return out if self.decoder_output == "logits" else self.logits(out)
-
-    @torch.no_grad()
-    def denoise_hidden(self, canvas_ids, cache: KVCache, soft=None):
-        """As DiffusionGemma.denoise_hidden -> (B, C, D), for graphs exported with output="hidden"."""
-        if self.decoder_output != "hidden":
-            raise ValueError("this decoder graph outputs logits: export with --output hidden for the hidden states")
-        return self.decode(canvas_ids, cache, soft)
 
 
 class OnnxRuntimeRunner:
     """The graphs in ONNX Runtime on the CPU: the verification backend (host tensors, so no device to stay on)."""
 
     def __init__(self, folder: Path, meta: dict):
-        import onnxruntime
-
+        try:
+            import onnxruntime
+        except ImportError as e:
+            raise ExportError(f"the onnxruntime backend needs {e.name}: pip install 'dgemma[export]'") from e
         if meta["kind"] != "onnx":
             raise ExportError(f"{folder} holds TensorRT engines: use backend='tensorrt', or pass an ONNX export")
         if meta["dtype"] == "bf16":
@@ -142,11 +165,15 @@ class OnnxRuntimeRunner:
         options = onnxruntime.SessionOptions()
         # Idle pool threads spin-wait by default, which takes the CPU from torch's sampler between passes.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        files = {graph: str(folder / meta["graphs"][graph]["file"]) for graph in GRAPHS}
-        self.sessions = {
-            graph: onnxruntime.InferenceSession(file, options, providers=["CPUExecutionProvider"])
-            for graph, file in files.items()
-        }
+        self.sessions = {}
+        for graph in GRAPHS:  # sidecar.read checked the files and their external data
+            file = folder / meta["graphs"][graph]["file"]
+            try:
+                self.sessions[graph] = onnxruntime.InferenceSession(
+                    str(file), options, providers=["CPUExecutionProvider"]
+                )
+            except Exception as e:  # ONNX Runtime's own classes (Fail, InvalidGraph...): the file is unusable
+                raise ExportError(f"ONNX Runtime cannot load {file}: {e}") from e
 
     def run(self, graph: str, feeds: dict, unchanged: set) -> dict[str, torch.Tensor]:
         session = self.sessions[graph]
@@ -159,6 +186,8 @@ def load_tensorrt(meta: dict, folder: Path):
     if meta["kind"] != "engine":
         raise ExportError(f"{folder} holds ONNX graphs: build engines with `dgemma export trt`, or use onnxruntime")
     package, version = meta["engine"]["package"], meta["engine"]["version"]
+    if package not in PACKAGES:  # the sidecar names the module imported here: sidecar.read refused others already
+        raise ExportError(f"{folder}'s engines name package {package!r}, not one of {list(PACKAGES)}")
     try:
         trt = importlib.import_module(package)
     except ImportError as e:
@@ -178,11 +207,11 @@ class TensorRTRunner:
     after. The prefix K/V and masks are copied once per canvas. Outputs are views of the buffers, valid until the
     next call. Untested: it needs TensorRT on a GPU."""
 
-    def __init__(self, folder: Path, meta: dict, device):
+    def __init__(self, folder: Path, meta: dict, device: torch.device):
         trt = load_tensorrt(meta, folder)
-        self.device = torch.device(device)
-        if self.device.type != "cuda" or not torch.cuda.is_available():
-            raise ExportError(f"TensorRT engines run on a CUDA device, not {device!r}")
+        if device.type != "cuda":
+            raise DgemmaError(f"TensorRT engines run on a CUDA device, not {str(device)!r}")
+        self.device = device
         self.trt, self.stream = trt, torch.cuda.Stream(self.device)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines, self.contexts, self.buffers = {}, {}, {}
@@ -215,7 +244,7 @@ class TensorRTRunner:
         context, buffers = self.contexts[graph], self.buffers[graph]
         for name, t in feeds.items():
             if not context.set_input_shape(name, tuple(t.shape)):
-                raise ValueError(
+                raise ExportError(
                     f"{name} {tuple(t.shape)} is outside the {graph} engine's profile: the batch or the committed "
                     "length exceeds what the export allowed (dims in dgemma.json; --max-batch, --max-prompt)"
                 )
@@ -257,29 +286,24 @@ class TensorRTRunner:
         self.cuda_graphs[key].replay()
 
 
-def read_embedding(checkpoint, dtype: torch.dtype, device) -> torch.Tensor:
-    """The tied embedding table, the only weight the runtime needs outside the graphs (read memory-mapped)."""
-    from safetensors import safe_open
-
-    name = checkpoint_name("embed_tokens.weight")
-    with safe_open(weight_files(Path(checkpoint))[name], framework="pt") as f:
-        return f.get_tensor(name).float().to(device=device, dtype=dtype)
-
-
 def load(checkpoint, engine, *, backend: str, device="cpu", window: str | None = None) -> EngineModel:
-    """An EngineModel over the export or engine folder `engine`, checked against `checkpoint`."""
+    """An EngineModel over the export or engine folder `engine`, checked against `checkpoint`; window None takes the
+    export's."""
     if backend not in ENGINE_BACKENDS:
-        raise ValueError(f"engine backend must be one of {ENGINE_BACKENDS}, not {backend!r}")
+        raise DgemmaError(f"engine backend must be one of {ENGINE_BACKENDS}, not {backend!r}")
     if engine is None:
-        raise ValueError(f"backend={backend!r} needs engine=FOLDER, written by `dgemma export onnx` or `export trt`")
-    folder = Path(engine)
+        raise DgemmaError(f"backend={backend!r} needs engine=FOLDER, written by `dgemma export onnx` or `export trt`")
+    if window is not None and window not in WINDOW_MODES:
+        raise DgemmaError(f"window must be one of {WINDOW_MODES}, not {window!r}")
+    device = resolve_device(device)
+    folder = sidecar.folder_arg(engine, "engine")
     meta = sidecar.read(folder)
-    sidecar.check_checkpoint(meta, checkpoint)
+    embedding = sidecar.read_embedding(folder, meta)
+    sidecar.check_checkpoint(meta, embedding, checkpoint)
     if backend == "onnxruntime":
-        if torch.device(device).type != "cpu":
-            raise ValueError("the onnxruntime backend runs on the CPU; on a GPU use backend='tensorrt'")
+        if device.type != "cpu":
+            raise DgemmaError("the onnxruntime backend runs on the CPU; on a GPU use backend='tensorrt'")
         runner = OnnxRuntimeRunner(folder, meta)
     else:
         runner = TensorRTRunner(folder, meta, device)
-    embedding = read_embedding(checkpoint, DTYPES[meta["dtype"]], device)
-    return EngineModel(runner, meta, embedding, window or meta["window"], backend)
+    return EngineModel(runner, meta, embedding.to(device), window or meta["window"], backend)

@@ -5,6 +5,13 @@ CPU. Engine execution needs TensorRT on a GPU and is not tested here: only its c
 """
 
 import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from dataclasses import asdict
 
@@ -12,17 +19,19 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from dgemma import DiffusionGemma, Pipeline
+from dgemma.cli import main
+from dgemma.errors import DgemmaError, ExportError
 from dgemma.export import sidecar
 from dgemma.export.engine import build_engines, profile_shapes
 from dgemma.export.onnx import export_onnx
-from dgemma.export.sidecar import GRAPHS, SHORT, ExportError
+from dgemma.export.sidecar import GRAPHS, SHORT
 from dgemma.export.weights import location, share_weights
 from dgemma.model.cache import WINDOW_MODES
 from dgemma.model.checkpoint import CheckpointError, read_config
 from dgemma.model.config import FULL, SLIDING, Config
-from dgemma.runtime.cli import main
 from dgemma.runtime.engine import load
 
 from oracle import CONFIGS, build_checkpoint
@@ -117,9 +126,7 @@ def test_shared_weights_match_by_content_not_name(tmp_path):
 def test_sidecar_describes_the_graphs(fp32, tiny_checkpoint):
     meta = sidecar.read(fp32)
     config = read_config(tiny_checkpoint)
-    assert meta["config"] == asdict(config) and meta["checkpoint"]["fingerprint"] == sidecar.fingerprint(
-        tiny_checkpoint
-    )
+    assert meta["config"] == asdict(config) and meta["checkpoint"]["path"] == str(tiny_checkpoint.resolve())
     assert (meta["kind"], meta["dtype"], meta["decoder_output"], meta["window"]) == ("onnx", "fp32", "logits", "shared")
     W, C = config.sliding_window, config.canvas_length
     assert meta["dims"] == {
@@ -152,7 +159,9 @@ def assert_same_pass(ref, ours, caches, canvas, sc):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     for soft in (None, sc):
         want = ref.denoise(canvas, caches[0], soft)
-        torch.testing.assert_close(ours.denoise(canvas, caches[1], soft), want, atol=1e-5 * want.abs().max(), rtol=0)
+        torch.testing.assert_close(
+            ours.denoise(canvas, caches[1], soft), want, atol=1e-5 * want.abs().max().item(), rtol=0
+        )
 
 
 @pytest.mark.parametrize("window", WINDOW_MODES)
@@ -233,8 +242,8 @@ def test_custom_moe_node_runs_its_function_body(odd):
     for model, cache in zip((ref, ours), caches, strict=True):
         model.encode(ids, cache)
     assert_same_pass(ref, ours, caches, canvas, sc)
-    want = ref.denoise_hidden(canvas, caches[0])
-    torch.testing.assert_close(ours.denoise_hidden(canvas, caches[1]), want, atol=1e-5 * want.abs().max(), rtol=0)
+    want = ref.decode(canvas, caches[0])  # the final hidden states
+    torch.testing.assert_close(ours.decode(canvas, caches[1], None), want, atol=1e-5 * want.abs().max().item(), rtol=0)
 
 
 @pytest.mark.parametrize("reference", [False, True])  # SeededDraws, then transformers' draws on the global RNG
@@ -286,6 +295,8 @@ def test_tensorrt_rtx_builds_both_bf16_graphs(engines, bf16):
     assert (meta["engine"]["package"], meta["engine"]["version"]) == ("tensorrt_rtx", tensorrt_rtx.__version__)
     for graph in GRAPHS:
         assert (engines / meta["engine"]["files"][graph]).stat().st_size > 0
+    # the runtime's embedding table travels with the engines: the one the ONNX graphs were traced with
+    assert torch.equal(sidecar.read_embedding(engines, meta), sidecar.read_embedding(bf16, sidecar.read(bf16)))
     lo, opt, hi = meta["engine"]["profiles"]["decoder"]["mask_full"]
     C = meta["config"]["canvas_length"]
     assert (lo[3], opt[3], hi[3]) == (1 + C, 256 + C, 512 + C)  # past_full from 1 to max_prompt, tuned for half
@@ -293,18 +304,24 @@ def test_tensorrt_rtx_builds_both_bf16_graphs(engines, bf16):
 
 
 def retarget(folder, tmp_path, edit):
-    """A copy of an export's sidecar alone, edited: the checks below refuse it before opening any graph."""
+    """A copy of an export or engine folder (a few hundred kB at the tiny size) with its sidecar edited."""
     meta = sidecar.read(folder)
     edit(meta)
     out = tmp_path / f"edited{len(list(tmp_path.iterdir()))}"
-    out.mkdir()
+    shutil.copytree(folder, out)
     sidecar.write(out, meta)
     return out
 
 
-def test_engine_backends_refuse_mismatches(tiny_checkpoint, fp32, bf16, odd, tmp_path):
-    other = tmp_path / "other"
-    build_checkpoint(other, Config.tiny(), seed=7)
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    """Another training of the tiny config: same config, other weights (seed 7)."""
+    path = tmp_path_factory.mktemp("other")
+    build_checkpoint(path, Config.tiny(), seed=7)
+    return path
+
+
+def test_engine_backends_refuse_mismatches(tiny_checkpoint, fp32, bf16, odd, other, tmp_path):
     cases = [
         (other, fp32, "onnxruntime", "other weights"),
         (odd[0], fp32, "onnxruntime", "another config"),
@@ -326,40 +343,339 @@ def test_tensorrt_backend_checks_the_engines_before_the_device(tiny_checkpoint, 
         meta["engine"]["version"] = "0.0"
 
     def package(meta):
-        meta["engine"]["package"] = "tensorrt_nonexistent"
+        meta["engine"]["package"] = "tensorrt"  # the other known package, absent where tensorrt_rtx builds
 
     for edit, message in ((version, "built with tensorrt_rtx 0.0 but"), (package, "which is not installed")):
         with pytest.raises(ExportError, match=message):
             Pipeline.from_pretrained(tiny_checkpoint, backend="tensorrt", engine=retarget(engines, tmp_path, edit))
     with pytest.raises(ExportError, match="holds TensorRT engines"):
         Pipeline.from_pretrained(tiny_checkpoint, backend="onnxruntime", engine=engines)
-    with pytest.raises(ExportError, match="CUDA device"):  # every check passed: only the GPU is missing
+    with pytest.raises(DgemmaError, match="CUDA device"):  # every check passed: only the GPU is missing
         Pipeline.from_pretrained(tiny_checkpoint, backend="tensorrt", engine=engines)
 
 
+def edit_sidecar(folder, edit):
+    meta = json.loads((folder / sidecar.NAME).read_text())
+    edit(meta)
+    return json.dumps(meta)
+
+
+def test_sidecar_damage_is_an_export_error_naming_the_field(fp32, tmp_path):
+    """A damaged or edited dgemma.json is one ExportError naming the file and the field, never a KeyError, a
+    TypeError or a JSONDecodeError; a file name in it cannot leave the folder."""
+    folder = tmp_path / "copy"
+    shutil.copytree(fp32, folder)
+    (tmp_path / "outside.onnx").write_bytes((fp32 / "decoder.onnx").read_bytes())
+    (folder / "link.onnx").symlink_to(tmp_path / "outside.onnx")
+
+    def at(*keys, value=None, delete=False):
+        def edit(meta):
+            for key in keys[:-1]:
+                meta = meta[key]
+            if delete:
+                del meta[keys[-1]]
+            else:
+                meta[keys[-1]] = value
+
+        return edit_sidecar(fp32, edit)
+
+    cases = [
+        (b"\xff\xfe{}", "is not UTF-8 text"),
+        ("{", "is not valid JSON"),
+        ("[" * 100_000, "is not valid JSON"),
+        ("[]", "holds a JSON list, not an object"),
+        (at("format", delete=True), "has format None, this dgemma reads format 2: re-export"),
+        (at("kind", delete=True), "has no kind"),
+        (at("dtype", value="fp8"), "dtype must be one of"),
+        (at("window", value=3), "window must be one of"),
+        (at("decoder_output", value="probs"), "decoder_output must be one of"),
+        (at("custom_ops", value=1), "custom_ops must be true or false"),
+        (at("config", "layer_types", value=["full_attention"]), "config is not a valid model config"),
+        (at("config", "hidden_size", value="64"), "config is not a valid model config"),
+        (at("config", "rope", value={}), "config is not a valid model config"),
+        (at("dims", "past_sliding", delete=True), "dims must name"),
+        (at("dims", "batch", "max", value=0), "dims.batch.max must be a positive integer"),
+        (at("dims", "batch", "max", value=True), "dims.batch.max must be a positive integer"),
+        (at("dims", "batch", "min", value=2), "dims.batch must have min <= max"),
+        (at("dims", "past_full", "max", value=10**6), "dims.past_full.max exceeds"),
+        (at("graphs", "encoder", delete=True), "graphs must describe"),
+        (at("graphs", "decoder", "inputs", value=5), "graphs.decoder.inputs must be a list"),
+        (at("graphs", "decoder", "inputs", 0, "shape", value=["nope"]), r"inputs\[0\].shape holds 'nope'"),
+        (at("graphs", "decoder", "inputs", 0, "dtype", value="float64"), r"inputs\[0\].dtype must be one of"),
+        (at("graphs", "decoder", "outputs", 0, "name", value="hidden"), "decoder's outputs .* its decoder_output"),
+        (at("graphs", "encoder", "inputs", 0, "name", value="tokens"), "graphs.encoder does not describe encoder"),
+        (at("graphs", "decoder", "file", value="../fp32/decoder.onnx"), "graphs.decoder.file must be the name of"),
+        (at("graphs", "decoder", "file", value=str(fp32 / "decoder.onnx")), "graphs.decoder.file must be the name"),
+        (at("graphs", "decoder", "file", value="sub/decoder.onnx"), "graphs.decoder.file must be the name of"),
+        (at("graphs", "decoder", "file", value="link.onnx"), "graphs.decoder.file 'link.onnx' is a link that leads"),
+        (at("graphs", "decoder", "file", value="missing.onnx"), "graphs.decoder.file names .*missing.onnx, which is"),
+    ]
+    for text, message in cases:
+        (folder / sidecar.NAME).write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(ExportError, match=message) as refused:
+            sidecar.read(folder)
+        assert str(folder / sidecar.NAME) in str(refused.value)
+
+
+def engine_sidecar(fp32, folder, package):
+    """An engine folder made from the fp32 export: its sidecar with an `engine` section, placeholder engines."""
+    shutil.copytree(fp32, folder)
+    files = {graph: f"{graph}.engine" for graph in GRAPHS}
+    for file in files.values():
+        (folder / file).write_bytes(b"not an engine")
+
+    def edit(meta):
+        meta["kind"] = "engine"
+        for d in meta["dims"].values():
+            d["opt"] = d["max"]
+        meta["engine"] = {"package": package, "version": "1.0", "files": files, "profiles": {}}
+
+    (folder / sidecar.NAME).write_text(edit_sidecar(fp32, edit))
+    return folder
+
+
+def test_engine_package_is_checked_before_it_is_imported(tiny_checkpoint, fp32, tmp_path, monkeypatch):
+    """engine.package names the module the runtime imports: a module other than TensorRT's is refused, not run."""
+    (tmp_path / "payload.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    folder = engine_sidecar(fp32, tmp_path / "engines", package="payload")
+    with pytest.raises(ExportError, match="engine.package must be one of \\['tensorrt', 'tensorrt_rtx'\\]"):
+        load(tiny_checkpoint, folder, backend="tensorrt")
+    assert not (tmp_path / "ran").exists()
+    for name in ("../decoder.engine", "/dev/zero"):
+
+        def escape(meta, name=name):
+            meta["engine"].update(package="tensorrt_rtx", files={"decoder": name, "encoder": "encoder.engine"})
+
+        (folder / sidecar.NAME).write_text(edit_sidecar(folder, escape))
+        with pytest.raises(ExportError, match="engine.files.decoder must be the name of a file"):
+            load(tiny_checkpoint, folder, backend="tensorrt")
+
+
+def test_external_data_must_stay_in_the_folder(fp32, tmp_path):
+    """A graph whose external data names a file outside its folder (a path, `..`, a symlink) or bytes past a file's
+    end is refused before ONNX Runtime or a TensorRT parser opens it (ONNX Runtime 1.32 refuses the first three
+    itself, with its own exception; a parser need not)."""
+    (tmp_path / "secret").write_bytes(bytes(1 << 20))
+    folder = tmp_path / "copy"
+    shutil.copytree(fp32, folder)
+    (folder / "link.data").symlink_to(tmp_path / "secret")
+    (folder / "short.data").write_bytes(bytes(1))
+    original = onnx.load(fp32 / "decoder.onnx", load_external_data=False)
+    for name, message in [
+        ("../secret", "must be the name of a file in"),
+        (str(tmp_path / "secret"), "must be the name of a file in"),
+        ("link.data", "is a link that leads out of"),
+        ("short.data", "reads past the end of short.data"),
+    ]:
+        model = onnx.ModelProto()
+        model.CopyFrom(original)
+        tensor = next(t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+        next(e for e in tensor.external_data if e.key == "location").value = name
+        onnx.save(model, folder / "decoder.onnx")
+        with pytest.raises(ExportError, match=f"decoder.onnx: .*tensor '{tensor.name}'.*{message}"):
+            sidecar.read(folder)
+
+
+def test_runtime_embedding_is_the_graphs_and_the_checkpoints(tiny_checkpoint, fp32, other, tmp_path):
+    """The runtime's embedding table is the one decoder.onnx holds, and it must equal the checkpoint's: no edit of
+    dgemma.json pairs the graphs with another checkpoint's table, and a damaged table file is refused."""
+    ours = load(tiny_checkpoint, fp32, backend="onnxruntime")
+    graph = onnx.load(fp32 / "decoder.onnx")  # with its external data
+    traced = next(t for t in graph.graph.initializer if t.name == "model.embed_tokens.weight")
+    assert torch.equal(ours.embed_tokens.weight, torch.from_numpy(onnx.numpy_helper.to_array(traced).copy()))
+    copy = retarget(fp32, tmp_path, lambda m: m.update(checkpoint={"path": str(other)}))
+    for folder in (fp32, copy):
+        with pytest.raises(ExportError, match="other weights than .*its embedding table differs"):
+            load(other, folder, backend="onnxruntime")
+    table = ours.embed_tokens.weight
+    for tensors, message in [
+        ({sidecar.EMBEDDING_KEY: table.half()}, "must hold embed_tokens.weight as torch.float32 \\[256, 64\\]"),
+        ({sidecar.EMBEDDING_KEY: table[:-1].clone()}, "torch.float32 \\[255, 64\\]"),
+        ({"other": table}, "not nothing"),
+    ]:
+        save_file(tensors, copy / sidecar.EMBEDDING)
+        with pytest.raises(ExportError, match=message):
+            load(tiny_checkpoint, copy, backend="onnxruntime")
+    (copy / sidecar.EMBEDDING).write_bytes(b"truncated")
+    with pytest.raises(ExportError, match="embedding.safetensors is not a readable safetensors file"):
+        load(tiny_checkpoint, copy, backend="onnxruntime")
+    (copy / sidecar.EMBEDDING).unlink()
+    with pytest.raises(ExportError, match="embedding.safetensors, which is not a file"):
+        load(tiny_checkpoint, copy, backend="onnxruntime")
+
+
+def test_engine_model_refuses_bad_ids_and_arguments(tiny_checkpoint, fp32):
+    """Token ids outside the vocabulary (a device-side assert on a GPU), of another shape or type, and bad load
+    arguments are DgemmaErrors naming them; nothing is committed."""
+    model = load(tiny_checkpoint, fp32, backend="onnxruntime")
+    cache = model.new_cache(1, 24)
+    C = model.config.canvas_length
+    for ids, message in [
+        (torch.tensor([[5, 256]]), "ids holds token ids outside the vocabulary \\[0, 256\\): 5 to 256"),
+        (torch.tensor([[-1]]), "outside the vocabulary"),
+        (torch.tensor([[1.0]]), "ids must be an integer tensor"),
+        (torch.tensor([[1], [2]]), "must hold 1 row"),
+        ([[1, 2]], "ids must be an integer tensor \\(batch, tokens\\), not list"),
+    ]:
+        with pytest.raises(DgemmaError, match=message):
+            model.encode(ids, cache)
+    assert cache.length == 0
+    for canvas, message in [
+        (torch.full((1, C), 256), "canvas_ids holds token ids outside the vocabulary"),
+        (torch.zeros(1, C - 1, dtype=torch.long), f"must hold 1 row\\(s\\) .* of {C} tokens"),
+    ]:
+        with pytest.raises(DgemmaError, match=message):
+            model.denoise(canvas, cache)
+    for kwargs, message in [
+        ({"backend": "torch"}, "engine backend must be one of"),
+        ({"window": "diagonal"}, "window must be one of"),
+        ({"device": "tpu"}, "device 'tpu'"),
+        ({"device": "cuda:7"} if not torch.cuda.is_available() else {"device": "cuda:99"}, "cuda:"),
+    ]:
+        with pytest.raises(DgemmaError, match=message):
+            load(tiny_checkpoint, fp32, **({"backend": "onnxruntime"} | kwargs))
+    with pytest.raises(DgemmaError, match="engine must be a folder path"):
+        load(tiny_checkpoint, 42, backend="onnxruntime")
+
+
+def listing(*folders):
+    """Every path under `folders`, hidden staging folders included: what a refused export must leave unchanged."""
+    return {folder: sorted(p.relative_to(folder) for p in folder.rglob("*")) for folder in folders}
+
+
 def test_bad_input_leaves_no_output(tiny_checkpoint, fp32, tmp_path, monkeypatch, capsys):
+    """Every bad argument is one ExportError (CheckpointError for the checkpoint) naming it, raised before anything is
+    written: no output folder, no staging folder beside it, no parent folder created for it."""
+    from dgemma.export.goldens import save_goldens
+
     work = tmp_path / "work"
     work.mkdir()
     (work / "taken").mkdir()
     (work / "taken" / "file").write_text("")
-    with pytest.raises(CheckpointError, match="config.json"):
-        export_onnx(tmp_path / "missing", work / "out")
-    with pytest.raises(ExportError, match="dtype"):
-        export_onnx(tiny_checkpoint, work / "out", dtype="int8")
-    with pytest.raises(ExportError, match="not empty"):
-        export_onnx(tiny_checkpoint, work / "taken")
-    with pytest.raises(ExportError, match="not a folder written by `dgemma export`"):
-        build_engines(tmp_path / "missing", work / "out")
+    (work / "a_file").write_text("")
+    out = work / "new" / "out"
+    onnx_cases = [
+        ({"model_dir": tmp_path / "missing"}, CheckpointError, "missing/config.json"),
+        ({"model_dir": None}, ExportError, "checkpoint folder \\(--model\\) must be a folder path"),
+        ({"dtype": "int8"}, ExportError, "dtype must be one of"),
+        ({"output": "probs"}, ExportError, "output must be one of"),
+        ({"window": "diagonal"}, ExportError, "window must be one of"),
+        ({"custom_ops": "yes"}, ExportError, "custom_ops must be True or False"),
+        ({"max_prompt": 10**6}, ExportError, "max_prompt \\(--max-prompt\\) must be an integer from 1 to 512"),
+        ({"max_prompt": 0}, ExportError, "max_prompt"),
+        ({"max_prompt": 2.5}, ExportError, "max_prompt"),
+        ({"max_batch": 0}, ExportError, "max_batch \\(--max-batch\\) must be an integer from 1 to 1024"),
+        ({"max_batch": 10**9}, ExportError, "max_batch"),
+        ({"max_batch": True}, ExportError, "max_batch"),
+        ({"out_dir": ""}, ExportError, "empty path"),
+        ({"out_dir": None}, ExportError, "output folder must be a path"),
+        ({"out_dir": work / "taken"}, ExportError, "taken already exists and is not empty"),
+        ({"out_dir": work / "a_file"}, ExportError, "a_file already exists"),
+        ({"out_dir": work / "a_file" / "out"}, ExportError, "cannot write .*a_file/out: .*a_file is a file"),
+        ({"out_dir": tiny_checkpoint}, ExportError, "is the folder the export reads"),
+    ]
+    for kwargs, error, message in onnx_cases:
+        kwargs = {"model_dir": tiny_checkpoint, "out_dir": out} | kwargs
+        with pytest.raises(error, match=message):
+            export_onnx(kwargs.pop("model_dir"), kwargs.pop("out_dir"), **kwargs)
+    engine_cases = [
+        ({"onnx_dir": tmp_path / "missing"}, "not a folder written by `dgemma export`"),
+        ({"onnx_dir": tiny_checkpoint}, "not a folder written by `dgemma export`"),
+        ({"out_dir": fp32 / "engines"}, "is inside .*fp32, which the export reads"),
+        ({"opt_prompt": 10**6}, "opt_prompt \\(--opt-prompt\\) must be an integer from 1 to 512"),
+        ({"opt_prompt": 0}, "opt_prompt"),
+        ({"opt_batch": 2}, "opt_batch \\(--opt-batch\\) must be an integer from 1 to 1"),
+    ]
+    for kwargs, message in engine_cases:
+        kwargs = {"onnx_dir": fp32, "out_dir": out} | kwargs
+        with pytest.raises(ExportError, match=message):
+            build_engines(kwargs.pop("onnx_dir"), kwargs.pop("out_dir"), **kwargs)
+    golden_cases = [
+        ({"dtype": "int4"}, "dtype \\(the engine's, --dtype\\) must be one of"),
+        ({"prompt": 0}, "prompt \\(the committed length\\) must be an integer from 1 to 504"),
+        ({"seed": -1}, "seed must be"),
+        ({"onnx_dir": work}, "not a folder written by `dgemma export`"),
+        ({"out_dir": fp32 / "goldens"}, "is inside"),
+        ({"out_dir": tiny_checkpoint}, "is the folder the export reads"),
+        ({"out_dir": fp32}, "is inside .*fp32, which the export reads"),
+    ]
+    for kwargs, message in golden_cases:
+        kwargs = {"onnx_dir": fp32, "out_dir": out} | kwargs
+        with pytest.raises(ExportError, match=message):
+            save_goldens(tiny_checkpoint, kwargs.pop("onnx_dir"), kwargs.pop("out_dir"), **kwargs)
+    before = listing(work, fp32)
+
+    def denied(*args, **kwargs):  # as mkdtemp in a folder this user cannot write (root can write anywhere)
+        raise PermissionError(13, "Permission denied", str(out.parent))
+
+    monkeypatch.setattr("dgemma.export.sidecar.tempfile.mkdtemp", denied)
+    with pytest.raises(ExportError, match="cannot write .*new/out: Permission denied"):
+        export_onnx(tiny_checkpoint, out)
+    monkeypatch.undo()
 
     def fail(*args, **kwargs):
         raise RuntimeError("tracing failed")
 
     monkeypatch.setattr("dgemma.export.onnx.trace", fail)
     with pytest.raises(RuntimeError, match="tracing failed"):  # a failure half-way removes what it wrote
-        export_onnx(tiny_checkpoint, work / "out")
-    assert main(["export", "onnx", "--model", str(tmp_path / "missing"), "--out", str(work / "out")]) == 2
-    assert "config.json" in capsys.readouterr().out.replace("\n", "")  # the console wraps long paths
-    assert [p.name for p in work.iterdir()] == ["taken"]
+        export_onnx(tiny_checkpoint, out)
+    assert main(["export", "onnx", "--model", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    printed = capsys.readouterr()
+    assert "config.json" in (printed.out + printed.err).replace("\n", "")  # a console may wrap long paths
+    assert listing(work, fp32) == before  # "new", which the refused exports would have created, is gone too
+
+
+def test_cli_prints_one_error_line_for_bad_input(tiny_checkpoint, tmp_path):
+    """`python -m dgemma export` in a process of its own: a bad argument is exit status 2 and one `error:` line."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "dgemma", "export", "onnx", "--model", str(tiny_checkpoint), "--out", str(out)]
+    run = subprocess.run([*command, "--max-prompt", "100000"], capture_output=True, text=True, timeout=300)
+    printed = (run.stdout + run.stderr).splitlines()
+    errors = [line for line in printed if line.startswith("error:")]
+    assert run.returncode == 2 and len(errors) == 1 and "Traceback" not in run.stdout + run.stderr
+    assert "--max-prompt" in errors[0] and not list(tmp_path.iterdir())
+
+
+def test_sigterm_during_an_export_leaves_nothing(tiny_checkpoint, tmp_path):
+    """SIGTERM while `dgemma export onnx` writes: the process ends (status 143, as after SIGTERM) and removes its
+    staging folder and the parent it created; nothing is at --out or beside it."""
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "sub" / "out"
+    command = [sys.executable, "-m", "dgemma", "export", "onnx", "--model", str(tiny_checkpoint), "--out", str(out)]
+    process = subprocess.Popen([*command, "--dtype", "fp32"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out.parent.exists() and any(out.parent.iterdir())):  # the staging folder appeared
+            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 143, process.stdout.read()
+    finally:
+        process.kill()
+    assert list(work.iterdir()) == []
+
+
+def test_staging_removes_what_killed_runs_left(tmp_path):
+    """A staging folder whose process no longer runs (killed by SIGKILL) is removed by the next run on the same
+    --out; one of a running process, and other hidden folders, are kept. SystemExit (what SIGTERM raises during an
+    export) removes the run's own staging folder."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "out"
+    left = [tmp_path / f".out.{dead.pid}.k1ll3d", tmp_path / f".out.{os.getpid()}.running", tmp_path / ".out.backup"]
+    for folder in left:
+        folder.mkdir()
+        (folder / "decoder.onnx").write_text("")
+    with pytest.raises(SystemExit):
+        with sidecar.staging(out) as tmp:
+            (tmp / "half").write_text("")
+            raise SystemExit(143)
+    assert sorted(tmp_path.iterdir()) == sorted(left[1:])
+    with sidecar.staging(out) as tmp:
+        (tmp / "whole").write_text("")
+    assert sorted(tmp_path.iterdir()) == sorted([out, *left[1:]]) and [p.name for p in out.iterdir()] == ["whole"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("polygraphy") is None, reason="needs polygraphy")
