@@ -279,7 +279,7 @@ def check_checkpoint(meta: dict, embedding: torch.Tensor, checkpoint) -> None:
     export's (`embedding`, read_embedding's) once rounded to the export's dtype as the export rounded it. Every
     training or seed changes the embedding, so this refuses another model's tokenizer and generation defaults too.
     The checkpoint's table is read memory-mapped, ROWS rows at a time."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     checkpoint = folder_arg(checkpoint, "the checkpoint")
     config = read_config(checkpoint)
@@ -290,17 +290,22 @@ def check_checkpoint(meta: dict, embedding: torch.Tensor, checkpoint) -> None:
     files = weight_files(checkpoint)
     if name not in files:
         raise CheckpointError(f"{checkpoint} holds no {name}")
-    with safe_open(files[name], framework="pt") as f:
-        stored = f.get_slice(name)
-        if tuple(stored.get_shape()) != tuple(embedding.shape):
-            raise CheckpointError(f"{name} in {files[name]} is {stored.get_shape()}, not {list(embedding.shape)}")
-        for start in range(0, embedding.shape[0], ROWS):
-            rows = stored[start : start + ROWS].float().to(embedding.dtype)  # as export.onnx.load rounds
-            if not torch.equal(rows, embedding[start : start + ROWS]):
-                raise ExportError(
-                    f"the export was built from other weights than {checkpoint}'s (its embedding table differs): "
-                    "re-export, or pass the checkpoint it was exported from"
-                )
+    try:
+        with safe_open(files[name], framework="pt") as f:
+            stored = f.get_slice(name)
+            if tuple(stored.get_shape()) != tuple(embedding.shape):
+                raise CheckpointError(f"{name} in {files[name]} is {stored.get_shape()}, not {list(embedding.shape)}")
+            same = all(
+                torch.equal(stored[i : i + ROWS].float().to(embedding.dtype), embedding[i : i + ROWS])  # as the export
+                for i in range(0, embedding.shape[0], ROWS)
+            )
+    except SafetensorError as e:
+        raise CheckpointError(f"{files[name]} is not a readable safetensors file holding {name}: {e}") from e
+    if not same:
+        raise ExportError(
+            f"the export was built from other weights than {checkpoint}'s (its embedding table differs): re-export, "
+            "or pass the checkpoint it was exported from"
+        )
 
 
 def versions(*modules: str) -> dict[str, str]:
