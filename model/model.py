@@ -221,13 +221,24 @@ def embedding_scale(table: torch.Tensor) -> torch.Tensor:
 def soft_embedding(logits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """softmax(logits) @ E * sqrt(D): the expected embedding under the previous step's distribution. (..., V) ->
     (..., D) in the table's dtype."""
-    probs = logits.softmax(-1, dtype=torch.float32).to(table.dtype)
-    return (probs @ table) * embedding_scale(table)
+    return expected_embedding(logits.softmax(-1, dtype=torch.float32), table)
 
 
-def soft_capped_logits(h: torch.Tensor, table: torch.Tensor, cap: float) -> torch.Tensor:
-    """The tied LM head: (..., D) -> fp32 logits (..., V), soft-capped to (-cap, cap)."""
-    return cap * torch.tanh(F.linear(h, table).float() / cap)
+def expected_embedding(probs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """probs (..., V) fp32 -> probs @ E * sqrt(D) (..., D), the probabilities rounded to the table's dtype first."""
+    return (probs.to(table.dtype) @ table) * embedding_scale(table)
+
+
+def soft_capped_logits(h: torch.Tensor, table: torch.Tensor, cap: float, out: torch.Tensor | None = None):
+    """The tied LM head: (..., D) -> fp32 logits (..., V), soft-capped to (-cap, cap): cap * tanh(logits / cap).
+    Without autograd, in place on one (..., V) tensor (`out`, if given and the table is fp32)."""
+    if torch.is_grad_enabled():  # training: tanh's backward needs its output intact
+        return cap * torch.tanh(F.linear(h, table).float() / cap)
+    if out is not None and table.dtype == torch.float32:
+        logits = torch.matmul(h, table.t(), out=out)
+    else:
+        logits = F.linear(h, table).float()
+    return logits.div_(cap).tanh_().mul_(cap)
 
 
 class SelfConditioning(GatedMLP):
@@ -329,8 +340,8 @@ class DiffusionGemma(nn.Module):
         x = self.self_conditioning(embedded, soft)
         return self(x, CachePass(self, cache, canvas_ids.shape[1], None, causal=False), True)
 
-    def logits(self, h):
-        return soft_capped_logits(h, self.embed_tokens.weight, self.config.final_logit_softcapping)
+    def logits(self, h, out=None):
+        return soft_capped_logits(h, self.embed_tokens.weight, self.config.final_logit_softcapping, out)
 
 
 class Pass:

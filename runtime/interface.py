@@ -48,8 +48,8 @@ class Model(Protocol):
         """The checked decoder pass -> fp32 soft-capped logits (B, C, V); `self_conditioning` is the previous step's
         temperature-scaled logits."""
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (..., D) -> fp32 soft-capped logits (..., V)."""
+    def logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (..., D) -> fp32 soft-capped logits (..., V), written into `out` where it can be."""
 
     def soft_embedding(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits (..., V) -> the expected embedding under their softmax (..., D), in the model's dtype."""

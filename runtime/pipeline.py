@@ -20,10 +20,11 @@ import torch
 from ..errors import CheckpointError, DgemmaError
 from ..model.checkpoint import read_generation_config
 from ..model.config import BACKENDS, ENGINE_BACKENDS, is_int
-from ..model.model import DiffusionGemma, check_ids
+from ..model.model import DiffusionGemma, check_ids, expected_embedding
 from ..model.tokenizer import Tokenizer
 from .engine import load as load_engine
 from .sampler import (
+    FastScores,
     SamplingConfig,
     SeededDraws,
     TorchDraws,
@@ -159,29 +160,40 @@ def check_prompt(prompt, attention_mask, vocab_size: int) -> tuple[int, int]:
 
 
 def _denoise(model, canvas, cache, cfg, draws, finished, passes, stats, k, reference, on_draft) -> torch.Tensor:
-    """One canvas (B, C) in PyTorch, one host sync per step -> the argmax canvas to commit."""
+    """One canvas (B, C) in PyTorch, one host sync per step -> the argmax canvas to commit.
+
+    The reference computes transformers' ops in transformers' order; otherwise `fast_scores` gives the same
+    quantities with fewer passes over the (B, C, V) logits, and its probabilities feed the next step's soft embedding.
+    """
     B, C, V, device = *canvas.shape, model.config.vocab_size, canvas.device
-    argmax, logits_sc = canvas, None
+    table = model.embed_tokens.weight
+    scores, buffer = (None, None) if reference else (FastScores((B, C, V), device), torch.empty(B, C, V, device=device))
+    argmax, soft = canvas, None
     history = torch.full((cfg.stability_threshold, B, C), -1, device=device)
     # Transformers keeps denoising rows that already ended (and pads them afterwards); otherwise skip them.
     done = torch.zeros_like(finished) if reference else finished.clone()
     for step, remaining in enumerate(range(cfg.max_denoising_steps, 0, -1)):
         passes += ~(done | finished)
-        z = model.denoise(canvas, cache, logits_sc) / temperature(remaining, cfg)  # (B, C, V) fp32
-        sample = draws.sample(z.softmax(-1, dtype=torch.float32))
-        new_argmax = z.argmax(-1)
-        H = entropy(z)
+        out = model.decode(canvas, cache, soft)
+        t = temperature(remaining, cfg)
+        z = out / t if model.decoder_output == "logits" else model.logits(out, out=buffer).div_(t)  # (B, C, V) fp32
+        if reference:
+            sample, new_argmax, H = draws.sample(z.softmax(-1, dtype=torch.float32)), z.argmax(-1), entropy(z)
+            new_soft = model.soft_embedding(z.to(model.dtype))
+        else:
+            sample, new_argmax, H, probs = scores(z, draws)
+            new_soft = expected_embedding(probs, table)
         accepted = entropy_bound_accept(H, cfg.entropy_bound)
         new_canvas = torch.where(accepted, sample, draws.canvas(B, C, V, device))
-        if logits_sc is not None:  # stopped rows stay frozen
+        if soft is not None:  # stopped rows stay frozen
             new_argmax = torch.where(done[:, None], argmax, new_argmax)
             new_canvas = torch.where(done[:, None], canvas, new_canvas)
-            z = torch.where(done[:, None, None], logits_sc, z)
+            new_soft = torch.where(done[:, None, None], soft, new_soft)
         done = done | (stable(history, new_argmax) & (H.mean(-1) < cfg.confidence_threshold))
         if on_draft is not None:
             on_draft(Draft(k, step, new_argmax.cpu(), accepted.cpu(), (new_argmax != argmax).cpu(), done.cpu()))
         stats.accepted_per_step.append(accepted.sum(-1).float().mean().item())
-        canvas, argmax, logits_sc = new_canvas, new_argmax, z.to(model.dtype)
+        canvas, argmax, soft = new_canvas, new_argmax, new_soft
         if done.all():
             break
     stats.steps_per_canvas.append(step + 1)

@@ -140,7 +140,9 @@ class TorchDraws:
 
 
 class SeededDraws:
-    """Draws from a private generator; sampling is an exponential race (argmax p / Exp(1)), which needs no sync."""
+    """Draws from a private generator, with no host sync. Sampling inverts the CDF: one uniform draw per position,
+    where an exponential race (argmax p / Exp(1)) needs V of them, which cost more than the rest of a CPU step's
+    sampler math together."""
 
     def __init__(self, seed: int, device):
         self.generator = torch.Generator(device).manual_seed(seed)
@@ -148,6 +150,30 @@ class SeededDraws:
     def canvas(self, B: int, C: int, V: int, device) -> torch.Tensor:
         return torch.randint(0, V, (B, C), device=device, generator=self.generator)
 
-    def sample(self, probs: torch.Tensor) -> torch.Tensor:
-        race = torch.empty_like(probs).exponential_(generator=self.generator)
-        return (probs / race).argmax(-1)
+    def sample(self, probs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """probs (B, C, V), rows summing to about 1 -> ids (B, C); `out` a V-sized buffer the CDF may overwrite."""
+        cdf = torch.cumsum(probs, -1, out=out)  # the CPU kernel accumulates in float64
+        total = cdf[..., -1:]
+        u = torch.rand(total.shape, generator=self.generator, device=probs.device, dtype=cdf.dtype)
+        # Strictly below the total, so the search never runs past the last token with mass; right=True skips the
+        # tokens of zero probability, whose CDF does not rise.
+        x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+        return torch.searchsorted(cdf, x, right=True).squeeze(-1)
+
+
+class FastScores:
+    """The default mode's per-step math over temperature-scaled finite logits (B, C, V): samples, argmax, entropy and
+    probabilities, the same quantities as the reference's softmax, argmax and `entropy`, in two V-sized writes
+    (log-softmax, its exponential; the CDF reuses the log-softmax's buffer) instead of seven. The buffers are
+    allocated once: a fresh (B, C, V) tensor per op costs the CPU its page faults, about as much as the op."""
+
+    def __init__(self, shape: tuple[int, int, int], device):
+        self.logp = torch.empty(shape, device=device)
+        self.probs = torch.empty(shape, device=device)
+
+    def __call__(self, z: torch.Tensor, draws: SeededDraws):
+        argmax = z.max(-1).indices  # the first maximum, as argmax, in half argmax's time on the CPU
+        logp = torch.log_softmax(z, -1, out=self.logp)
+        probs = torch.exp(logp, out=self.probs)
+        H = -torch.einsum("bcv,bcv->bc", probs, logp)
+        return draws.sample(probs, out=self.logp), argmax, H, probs

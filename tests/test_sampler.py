@@ -20,6 +20,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 )
 
 from dgemma.runtime.sampler import (
+    FastScores,
     SamplingConfig,
     SeededDraws,
     TorchDraws,
@@ -571,3 +572,24 @@ def test_seeded_draws_match_the_distribution():
         argmax_counts = torch.zeros(5, dtype=torch.double)
         argmax_counts[p[k].argmax()] = counts.sum()
         assert chi_square(argmax_counts[support], p[k][support].double()) > 35  # the test has power
+
+
+@pytest.mark.parametrize(
+    "B, C, V, scale",
+    [
+        (2, 64, 1000, 3.0),  # spread distributions
+        (1, 7, 33, 40.0),  # near one-hot rows: entropies near zero, where a lost digit would show
+    ],
+)
+def test_fast_scores_are_the_reference_quantities(B, C, V, scale):
+    """The default mode's fused step gives the reference's argmax and probabilities, and an entropy as close to the
+    float64 truth as the reference's own fp32 `entropy`, within 4x plus 1e-6 (its fp32 dot product accumulates in
+    another order: measured 0.3x to 3.4x the reference's error, 1e-6 to 1e-4 nats at V = 262,144)."""
+    z = torch.randn(B, C, V, dtype=torch.float32) * scale
+    z[0, 0, :2] = z[0, 0].max() + 1  # a tie for the maximum: the first one wins, as argmax does
+    sample, argmax, H, probs = FastScores((B, C, V), "cpu")(z.clone(), SeededDraws(0, "cpu"))
+    assert torch.equal(argmax, z.argmax(-1))
+    truth = entropy(z.double())
+    assert (H.double() - truth).abs().max() <= 4 * (entropy(z).double() - truth).abs().max() + 1e-6
+    torch.testing.assert_close(probs, z.softmax(-1), rtol=1e-5, atol=1e-7)
+    assert sample.shape == (B, C) and (probs.gather(-1, sample[..., None]) > 0).all()
