@@ -15,7 +15,7 @@ import sys
 
 from .errors import DgemmaError
 from .model.config import BACKENDS, DTYPES, ENGINE_BACKENDS, WINDOW_MODES
-from .sudoku.board import BOXES
+from .sudoku.board import BOXES, VOCAB_SIZE
 
 EXPORT_DTYPES = ("bf16", "fp16", "fp32")  # export.sidecar.DTYPES, whose values are torch dtypes
 THREADS = (
@@ -66,6 +66,13 @@ def finite_float(text: str) -> float:
 
 def non_negative_float(text: str) -> float:
     return number(text, float, 0, "a non-negative number")
+
+
+def positive_float(text: str) -> float:
+    value = number(text, float, 0, "a positive number")
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
+    return value
 
 
 def path(text: str) -> str:
@@ -146,6 +153,8 @@ def add_sudoku(sub) -> None:
     t.add_argument("--top-k", type=positive_int, default=2)
     t.add_argument("--seed", type=non_negative_int, default=0)
     t.add_argument("--denoising-steps", type=positive_int, default=16, help="max_denoising_steps it ships with")
+    t.add_argument("--vocab", type=positive_int, default=VOCAB_SIZE, help="vocabulary size: the Sudoku tokens' or more")
+    t.add_argument("--time-budget", type=positive_float, metavar="SECONDS", help="stop (saved, resumable) after this")
     t.add_argument("--save-every", type=positive_int, default=500)
     t.add_argument("--threads", type=positive_int, default=1, help=THREADS)
     t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")

@@ -279,14 +279,17 @@ def read_puzzles(path: str | Path) -> list[list[int]]:
 # Tokens
 
 
-def build_tokenizer(path: str | Path) -> Path:
-    """Writes a tokenizer.json: the four specials, then the digits 0-9, one character per token ("." reads as 0)."""
+def build_tokenizer(path: str | Path, vocab_size: int = VOCAB_SIZE) -> Path:
+    """Writes a tokenizer.json: the four specials, then the digits 0-9, one character per token ("." reads as 0), then
+    `<unused{i}>` up to `vocab_size` for a model whose vocabulary is padded with ids no puzzle uses."""
+    unused = [f"<unused{i}>" for i in range(VOCAB_SIZE, vocab_size)]  # special, so that decoding skips them
     vocab = {t: i for i, t in enumerate(SPECIALS)} | {str(d): DIGIT0 + d for d in range(10)}
+    vocab |= {t: i for i, t in enumerate(unused, VOCAB_SIZE)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     tok.normalizer = normalizers.Sequence([normalizers.Replace(".", "0"), normalizers.Replace(" ", "")])
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()  # "1234", not "1 2 3 4"
-    tok.add_special_tokens(list(SPECIALS))
+    tok.add_special_tokens([*SPECIALS, *unused])
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok.save(str(path / "tokenizer.json"))

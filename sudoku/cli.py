@@ -146,11 +146,14 @@ def train(args, console: Console) -> None:
     recipe = SudokuRecipe(
         size=args.size, blanks=blanks, objective=args.objective, lm_weight=args.lm_weight, steps=args.steps,
         batch=args.batch, lr=args.lr, hidden=args.hidden, layers=args.layers, experts=args.experts, top_k=args.top_k,
-        seed=args.seed, denoising_steps=args.denoising_steps,
+        seed=args.seed, denoising_steps=args.denoising_steps, vocab=args.vocab,
     )  # fmt: skip
     print(json.dumps(asdict(recipe)), flush=True)
     log = partial(print, flush=True)
-    _, loss = run(recipe, args.out, resume=args.resume, save_every=args.save_every, log=log, device=args.device)
+    _, loss = run(
+        recipe, args.out, resume=args.resume, save_every=args.save_every, log=log, device=args.device,
+        time_budget_s=args.time_budget,
+    )  # fmt: skip
     console.print(f"final loss {loss:.4f}; checkpoint in {args.out}")
 
 

@@ -239,10 +239,13 @@ def resume_run(folder: Path, kind: type[Recipe], steps: int, device: torch.devic
 # The loop
 
 
-def train(recipe: Recipe, out, *, resume=None, save_every: int = 500, log=print, device="cpu"):
+def train(recipe: Recipe, out, *, resume=None, save_every: int = 500, log=print, device="cpu", time_budget_s=None):
     """Trains the model `recipe` describes to `recipe.steps`, saving the run in `out` every `save_every` steps and
     at the end -> the model and its last loss. `resume` is a run folder to continue: its recipe, of the class of
     `recipe`, is kept but for `steps`.
+
+    `time_budget_s` bounds the training loop's wall-clock time: the first step to end past it is the last, and the run
+    is saved there, resumable to `recipe.steps` (the learning-rate schedule stays the one for `recipe.steps`).
 
     Every argument, the whole resumed state and the recipe's batches are checked before `out` is created or
     anything is trained."""
@@ -250,6 +253,12 @@ def train(recipe: Recipe, out, *, resume=None, save_every: int = 500, log=print,
     recipe = dataclasses.replace(recipe)  # checks the fields again: they can be set after the Recipe is made
     if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
         raise DgemmaError(f"save_every {save_every!r}: save every 1 or more steps")
+    if time_budget_s is not None and (
+        isinstance(time_budget_s, bool)
+        or not isinstance(time_budget_s, int | float)
+        or not 0 < time_budget_s < math.inf
+    ):
+        raise DgemmaError(f"time_budget_s {time_budget_s!r}: a positive, finite number of seconds")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DgemmaError(f"out {out} is a file, not a folder")
@@ -278,14 +287,19 @@ def train(recipe: Recipe, out, *, resume=None, save_every: int = 500, log=print,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
+        # .item() waits for the device, so the budget below counts finished steps, not queued ones
         window.append({k: v.item() for k, v in parts.items()} | {"loss": objective.item()})
-        if step % 50 == 0 or step == recipe.steps:
+        over = time_budget_s is not None and time.perf_counter() - start >= time_budget_s
+        if step % 50 == 0 or step == recipe.steps or over:
             means = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
             loss = means["loss"]
             parts_text = " ".join(f"{k} {v:.4f}" for k, v in means.items())
             log(f"step {step}/{recipe.steps}  {parts_text}  lr {learning_rate(step - 1, recipe):.2e}  "
                 f"{time.perf_counter() - start:.0f} s")  # fmt: skip
             window = []
-        if step % save_every == 0 or step == recipe.steps:
+        if step % save_every == 0 or step == recipe.steps or over:
             save_run(out, model, recipe, step, optimizer, data_rng, generator)
+        if over and step < recipe.steps:
+            log(f"time budget of {time_budget_s:g} s reached at step {step}/{recipe.steps}: saved, resumable")
+            break
     return model.eval(), loss
