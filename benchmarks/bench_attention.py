@@ -1,9 +1,11 @@
-"""Attention microbenchmark: the fused kernel against PyTorch SDPA (its fastest backend) and the plain reference.
+"""Benchmark of the attention op (kernels/attention.py): the fused kernel against PyTorch SDPA (each of its backends)
+and the plain reference; and its norm_rope prologue against the reference's separate ops.
 
 Shapes are the real model's: a 256-token chunk at a committed prefix P, batch 1, bf16. Decoder (bidirectional canvas)
 and encoder (causal commit or prefill chunk); sliding layers (16 q / 8 KV heads, head dim 256, window 1024) and global
 layers (16 q / 2 KV heads, head dim 512). TFLOP/s counts only visible (query, key) pairs, 4 * d FLOPs per pair and
-head, the same numerator for every provider; the ceiling is a bf16 matmul timed in the same run.
+head, the same numerator for every provider; the ceiling is a bf16 matmul timed in the same run. Rows: op "attention"
+(shape: mode, layer type, window mode and sizes) and "attention.norm_rope" (GB/s of the bytes it must move).
 
     python benchmarks/bench_attention.py                 # full table, rows appended to benchmarks/results/results.csv
     python benchmarks/bench_attention.py --sweep         # also time every candidate tile config (for tile_config)
@@ -23,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dgemma.kernels.attention import attention, norm_rope, tile_config
+from dgemma.kernels.attention import AttentionTile, Tiles, attention, norm_rope, tile_config
 from dgemma.model.cache import KVCache
 from dgemma.model.config import FULL, SLIDING, Config
 from dgemma.model.model import apply_rope, rms_norm, rope_inv_freq
@@ -57,7 +59,7 @@ def setup(config: Config, kind: str, P: int, window: str, dtype, device):
     return cache, q
 
 
-def providers(cache: KVCache, q, kind: str, causal: bool, tiles: dict | None):
+def providers(cache: KVCache, q, kind: str, causal: bool, tiles: Tiles | None):
     """name -> zero-argument callable, each computing this chunk's attention output."""
     n, T = cache.length, q.shape[2]
     pos, valid = cache.pos[kind], cache.valid[kind]
@@ -89,10 +91,10 @@ def run_sdpa(backend: SDPBackend, fn):
 
 
 def candidate_tiles(head_dim: int):
-    """Tile configs --sweep tries; tile_config's GPU choices should come from the best of these."""
+    """Attention tiles --sweep tries; tile_config's GPU choices should come from the best of these."""
     for bm, bn, dv, warps, stages in itertools.product((64, 128), (32, 64), (128, 256, 512), (4, 8), (1, 2, 3)):
         if dv <= head_dim and not (bm == 128 and dv == 512):
-            yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DV=dv, num_warps=warps, num_stages=stages)
+            yield AttentionTile(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DV=dv, num_warps=warps, num_stages=stages)
 
 
 def main(argv=None):
@@ -113,7 +115,7 @@ def main(argv=None):
     console = Console(width=160)  # logs of a remote run are not a terminal: keep the columns readable
     console.print(f"{meta['gpu']}: matmul ceiling {ceiling:.0f} TFLOP/s, copy {bandwidth:.0f} GB/s ({dtype})")
     rows = []
-    table = Table("op", "P", "provider", "ms", "TFLOP/s", "% matmul", "x best SDPA")
+    table = Table("case", "P", "provider", "ms", "TFLOP/s", "% matmul", "x best SDPA")
     shapes = itertools.product(("decoder", "encoder"), (SLIDING, FULL), ("shared", "per_token"), args.prefix)
     for mode, kind, window, P in shapes:
         if kind == FULL and window == "per_token":
@@ -123,8 +125,9 @@ def main(argv=None):
             continue  # the encoder's window is causal in both modes
         cache, q = setup(config, kind, P, window, dtype, device)
         H, T, d = q.shape[1], q.shape[2], q.shape[3]
-        op = f"attention-{mode}-{kind}" + ("-per_token" if window == "per_token" else "")
-        shape = f"B1 T{T} P{P} H{H} Hkv{config.num_kv_heads(kind)} d{d}"
+        case = f"{mode} {kind}" + (" per_token" if window == "per_token" else "")
+        shape = f"{case} B1 T{T} P{P} H{H} Hkv{config.num_kv_heads(kind)} d{d}"
+        tiles = tile_config(device, dtype, head_dim=d)
         fns, pairs = providers(cache, q, kind, causal, None)
         flops = 4 * pairs * H * d
         truth = fns["truth"]()
@@ -138,30 +141,31 @@ def main(argv=None):
             except RuntimeError:  # an SDPA backend that does not take this shape, dtype or mask
                 continue
         if args.sweep and device.type == "cuda":
-            for tiles in candidate_tiles(d):
-                fn, _ = providers(cache, q, kind, causal, tiles)
+            for tile in candidate_tiles(d):
+                fn, _ = providers(cache, q, kind, causal, tiles._replace(attention=tile))
                 try:
-                    name = "ours" + str(sorted(tiles.items()))
+                    name = "ours" + str(sorted(tile._asdict().items()))
                     errors[name] = (fn["ours"]().float() - truth).abs().max().item()
                     times[name] = timed(fn["ours"], device)
                 except Exception as e:  # noqa: BLE001 - out of shared memory or registers for this tile
-                    console.print(f"[dim]skip {tiles}: {type(e).__name__}")
+                    console.print(f"[dim]skip {tile}: {type(e).__name__}")
         sdpa_best = min((t[0] for name, t in times.items() if name.startswith("sdpa")), default=float("nan"))
         for name, timing in times.items():
             p50 = timing[0]
             tflops = flops / p50 / 1e9
             note = f"max abs err vs fp32 {errors.get(name, float('nan')):.2e}"
             if name == "ours":
-                note += f"; tiles {tile_config(d, dtype, device)}"
+                note += f"; tiles {tiles.attention}"
             rows.append(
                 result_row(
-                    meta, op=op, provider=name, shape=shape, dtype=str(dtype).removeprefix("torch."),
+                    meta, op="attention", provider=name, shape=shape, dtype=str(dtype).removeprefix("torch."),
                     times=timing, unit="TFLOP/s", value=tflops, ceiling=ceiling, note=note,
                 )
             )  # fmt: skip
             if not name.startswith("ours["):
                 speedup = f"{sdpa_best / p50:.2f}" if name == "ours" else ""
-                table.add_row(op, str(P), name, f"{p50:.3f}", f"{tflops:.0f}", f"{100 * tflops / ceiling:.0f}", speedup)
+                pct = f"{100 * tflops / ceiling:.0f}"
+                table.add_row(case, str(P), name, f"{p50:.3f}", f"{tflops:.0f}", pct, speedup)
     prologue_rows(config, dtype, device, bandwidth, meta, rows, table)
     append_rows(rows, args.out, table, console)
 
@@ -194,11 +198,11 @@ def prologue_rows(config, dtype, device, bandwidth, meta, rows, table):
             gbps = moved / times[0] / 1e6
             rows.append(
                 result_row(
-                    meta, op=f"norm_rope-{kind}", provider=name, shape=f"B1 T{T} H{H}+2x{Hkv} d{d}",
+                    meta, op="attention.norm_rope", provider=name, shape=f"{kind} B1 T{T} H{H}+2x{Hkv} d{d}",
                     dtype=str(dtype).removeprefix("torch."), times=times, unit="GB/s", value=gbps, ceiling=bandwidth,
                 )
             )  # fmt: skip
-            table.add_row(f"norm_rope-{kind}", "-", name, f"{times[0]:.3f}", f"{gbps:.0f} GB/s", "", "")
+            table.add_row(f"norm_rope {kind}", "-", name, f"{times[0]:.3f}", f"{gbps:.0f} GB/s", "", "")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""MoE microbenchmark: the fused kernels against transformers' grouped_mm experts and the plain reference.
+"""Benchmark of the moe op (kernels/moe.py): the fused kernels against transformers' grouped_mm experts and the plain
+reference.
 
 Shapes are the real model's: T tokens (16 to 1024; a canvas is 256), E=128 experts, top-8, D=2816 -> I=704, bf16
 activations, bf16 or fp8 (e4m3, per-output-channel scales) expert banks. Routing comes from the fused router on a
@@ -6,7 +7,7 @@ random residual. GB/s counts the expert bytes that must be read, the same numera
 every expert that received at least one token, at the bank's dtype, plus the fp8 scales; the ceiling is a
 device-to-device copy timed in the same run. Router + alignment are timed on their own and reported as a percentage
 of the GEMM time (the fused `moe` minus its alignment). transformers and the reference have no fp8 weight-only path,
-so the fp8 rows time ours only.
+so the fp8 rows time ours only. Rows: op "moe" and "moe.route+align".
 
     python benchmarks/bench_moe.py                 # full table, rows appended to benchmarks/results/results.csv
     python benchmarks/bench_moe.py --sweep --tokens 256   # also time candidate tiles (for kernels.moe.tile_config)
@@ -24,7 +25,8 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from dgemma.kernels.moe import align, moe, route, tile_config
+from dgemma.kernels.moe import GemmTile, align, moe, route, tile_config
+from dgemma.model import fp8
 from dgemma.model.config import Config
 from dgemma.model.model import moe as moe_ref
 
@@ -51,7 +53,7 @@ def transformers_experts(gate_up, down, config: Config):
     return experts
 
 
-def setup(config: Config, T: int, fp8: bool, dtype, device):
+def setup(config: Config, T: int, quantize: bool, dtype, device):
     """One row's inputs: routing by the fused router on a random residual, random expert input and banks in the
     activation dtype (or quantized to fp8), the fp32 truth on the banks' values. Returns (router call, moe args,
     truth)."""
@@ -66,7 +68,7 @@ def setup(config: Config, T: int, fp8: bool, dtype, device):
     gate_up = (torch.randn(E, 2 * I, D, device=device) / D**0.5).to(dtype)
     down = (torch.randn(E, D, I, device=device) / I**0.5).to(dtype)
     banks, scales = (gate_up, down), (None, None)
-    if fp8:
+    if quantize:
         (gu_q, gu_s), (dn_q, dn_s) = fp8.quantize(gate_up), fp8.quantize(down)
         banks, scales = (gu_q, dn_q), (gu_s, dn_s)
         gate_up, down = (fp8.dequantize(q, s, torch.float32) for q, s in ((gu_q, gu_s), (dn_q, dn_s)))
@@ -78,13 +80,15 @@ def providers(config: Config, args: tuple, sweep: bool):
     """name -> zero-argument callable computing the MoE output; transformers and the reference for bf16 banks only."""
     x, weights, idx, gate_up, down, gate_up_scale, down_scale = args
     fns = {"ours": lambda: moe(*args)}
+    tiles = tile_config(x.device, x.dtype, tokens=x.shape[0], top_k=idx.shape[1], experts=gate_up.shape[0])
     if gate_up_scale is None:
         experts = transformers_experts(gate_up, down, config)
         fns["transformers-grouped_mm"] = lambda: experts(x, idx.long(), weights)
         fns["reference"] = lambda: moe_ref(x, weights, idx.long(), gate_up, down)
     if sweep:
-        for tiles in candidate_tiles():
-            fns["ours" + str(sorted(tiles.items()))] = lambda t=tiles: moe(*args, config=t)
+        for tile in candidate_tiles():
+            swept = tiles._replace(gemm=tile)
+            fns["ours" + str(sorted(tile._asdict().items()))] = lambda t=swept: moe(*args, config=t)
     return fns
 
 
@@ -97,10 +101,10 @@ def expert_bytes(idx, gate_up, down, gate_up_scale, down_scale) -> int:
 
 
 def candidate_tiles():
-    """Tile configs --sweep tries (54, each compiled once: sweep one --tokens value at a time); tile_config's GPU
+    """GEMM tiles --sweep tries (54, each compiled once: sweep one --tokens value at a time); tile_config's GPU
     choices should come from the best of these."""
     for bm, bn, br, stages in itertools.product((16, 32, 64), (32, 64, 128), (64, 128, 256), (3, 4)):
-        yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, num_warps=4, num_stages=stages)
+        yield GemmTile(BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, num_warps=4, num_stages=stages)
 
 
 def main(argv=None):
@@ -131,15 +135,15 @@ def main(argv=None):
         rows.append(result_row(meta, op=op, provider=provider, shape=shape, dtype=dtype, times=times, unit=unit,
                                value=value, ceiling=ceiling, note=note))  # fmt: skip
 
-    for T, fp8 in itertools.product(args.tokens, (False, True)):
-        router, moe_args, truth = setup(config, T, fp8, dtype, device)
+    for T, quantize in itertools.product(args.tokens, (False, True)):
+        router, moe_args, truth = setup(config, T, quantize, dtype, device)
         idx, bank_dtype = moe_args[2], moe_args[3].dtype
         bank = str(bank_dtype).removeprefix("torch.")
-        tiles = tile_config(T, K, E, device)
+        tiles = tile_config(device, dtype, tokens=T, top_k=K, experts=E)
         hit, moved = idx.unique().numel(), expert_bytes(idx, *moe_args[3:])
         shape = f"T{T} E{E} K{K} D{D} I{I}"
         t_route = timed(router, device)
-        t_align = timed(lambda idx=idx, block_m=tiles["BLOCK_M"]: align(idx, E, block_m), device)
+        t_align = timed(lambda idx=idx, block_m=tiles.gemm.BLOCK_M: align(idx, E, block_m), device)
         for name, fn in providers(config, moe_args, args.sweep and device.type == "cuda").items():
             try:
                 err = (fn().float() - truth).abs().max().item()  # every provider computes the same thing
@@ -152,10 +156,10 @@ def main(argv=None):
             if name == "ours":
                 gemm = times[0] - t_align[0]
                 share = f"{100 * (t_route[0] + t_align[0]) / gemm:.1f}"
-                note += f"; tiles {tiles}"
+                note += f"; tiles {tiles.gemm}"
                 route_align = tuple(a + b for a, b in zip(t_route, t_align, strict=True))
                 row(
-                    "moe-route+align", "ours", shape, bank, route_align, "% of GEMM time", float(share), 100.0,
+                    "moe.route+align", "ours", shape, bank, route_align, "% of GEMM time", float(share), 100.0,
                     f"route {t_route[0]:.4f} ms + align {t_align[0]:.4f} ms vs GEMMs {gemm:.4f} ms (moe minus align)",
                 )  # fmt: skip
             row("moe", name, shape, bank, times, "GB/s", gbps, bandwidth, note)

@@ -1,5 +1,5 @@
-"""Vocabulary-pass microbenchmark: the fused pass against the runtime's sampler math in eager PyTorch and under
-torch.compile.
+"""Benchmark of the vocab op (kernels/vocab.py: vocab_pass): the fused pass against the runtime's sampler math in
+eager PyTorch and under torch.compile. Rows: op "vocab".
 
 One denoising step's work after the decoder: final hidden states h (R = 256 positions per canvas, D = 2816) and the
 bf16 table E (V = 262,144) in; per position the argmax, a sample, the max probability and the entropy of

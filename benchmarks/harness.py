@@ -3,6 +3,9 @@
 Rows go to benchmarks/results/results.csv (one file for every op), each with its provenance: date, commit, GPU, the
 op's shape and dtype, p50/p20/p80 time, the achieved rate in a roofline unit and that rate as a percentage of the
 matching ceiling measured in the same process (a bf16 matmul for TFLOP/s, a device-to-device copy for GB/s).
+The op column is the op's name, as in kernels/<op>.py, tests/test_<op>.py and bench_<op>.py (attention, moe, vocab),
+or <op>.<launcher> for a part of it timed on its own (attention.norm_rope, moe.route+align); the case (layer type,
+mode) goes in the shape column.
 """
 
 from __future__ import annotations

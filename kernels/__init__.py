@@ -1,5 +1,8 @@
-"""Fused Triton kernels behind the model's `backend="triton"`: attention (attention.py), the router and experts
-(moe.py); the vocabulary pass arrives with its issue."""
+"""Fused Triton kernels behind `backend="triton"`, one module per op: `attention` (norm_rope and attention over the
+KV cache), `moe` (route, align and the expert GEMMs), `vocab` (vocab_pass: the LM head, sampling statistics and soft
+embedding of a denoising step) and `sampler` (sampler_step: the step's acceptance, renoise and stop test). Each is
+tested in tests/test_<op>.py (the sampler's in tests/test_sampler_kernel.py) and timed by benchmarks/bench_<op>.py;
+common.py holds what they share, aot.py compiles every launch for sm_90a."""
 
 from __future__ import annotations
 

@@ -1,37 +1,47 @@
-"""Fused attention for DiffusionGemma's two modes and two layer types, reading the model's ring KV cache in place.
+"""Fused attention for DiffusionGemma's two modes (encoder: causal; decoder: bidirectional canvas) and two layer types
+(sliding window; global), reading the model's ring KV cache in place.
 
-- `norm_rope`: the prologue. One program per (token, head) vector: RMSNorm (times the q/k norm weight, or weightless
-  for V), then split-half RoPE with cos/sin computed in-kernel from the layer's inv_freq, so default RoPE (sliding)
-  and proportional RoPE (global: zero frequencies past the first quarter) are the same code. Writes q for the
-  attention and k/v straight into their cache slots; global layers call it twice on the one raw k_proj output.
+- `norm_rope`, the prologue: one program per ROWS (token, head) vectors: RMSNorm (times the q/k norm weight, or
+  weightless for V), then split-half RoPE with cos/sin computed in-kernel from the layer's inv_freq, so default RoPE
+  (sliding) and proportional RoPE (global: zero frequencies past the first quarter) are the same code. Writes q for
+  the attention and k/v straight into their cache slots; global layers call it twice on the one raw k_proj output.
 - `attention`: a flash-attention forward over the active cache slots. The mask is never materialized: every mask the
   model uses is a band in absolute positions (`KVCache.band`), so a query at position i sees the slot holding j iff
   a*i + lo <= j <= b*i + hi, the slot holds a committed or staged token (0 <= j < n + T), and its row is not padding.
   The G query heads that share a KV head are packed into the query tile (rows are (token, head) pairs), so one K/V
-  load serves G heads; the slots are split between programs (flash-decoding) so that 256 queries fill 132 SMs even on
-  the 2-KV-head global layers, and `combine` merges the splits by their log-sum-exp. Head dim 512 splits the value
-  dims between programs (BLOCK_DV) to bound the accumulator; each such program recomputes the scores.
+  load serves G heads; the slots are split between programs (flash-decoding) so that 256 queries fill the SMs even on
+  the 2-KV-head global layers, and `_combine_kernel` merges the splits by their log-sum-exp. Head dim 512 may split
+  the value dims between programs (BLOCK_DV) to bound the accumulator; each such program recomputes the scores.
 
 Scores use scale 1.0 and no softcap; the softmax is in fp32 (base 2), and P is cast to the value dtype for P @ V, as
-in the reference (`model.attention`). Masked scores get a large finite negative instead of -inf, so a row with no
-visible key (a padded query) averages the values instead of producing NaN that would leak through the cache.
-Runs under Triton 3.6 (the GPU image) and 3.9 (CI, TRITON_INTERPRET=1 on the CPU).
+in the reference. Masked scores get a large finite negative (NEG) instead of -inf, so a row with no visible key (a
+padded query) averages values instead of producing NaN that would leak through the cache.
+Limits: the head dim must be even (RoPE pairs its halves); tiles are chosen from ptxas's sm_90a resource report, not
+by timing (benchmarks/bench_attention.py --sweep times the alternatives). Runs under Triton 3.6 and 3.9 (and its
+interpreter, TRITON_INTERPRET=1, where bf16 dots are wrong: CPU tests use fp32 and fp16).
+
+Reference: `dgemma.model.model.attention` over `KVCache.mask`, and `rms_norm` then `apply_rope` for the prologue
+(tests/test_attention.py).
+
+Legend: B batch, T chunk tokens, H query heads, Hkv KV heads, G = H / Hkv, d head dim, R cache slots, S active slots.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-NEG = tl.constexpr(-1.0e30)  # masked score: exp2(NEG - m) is 0 once a visible key is seen, and finite before that
+from .common import NEG, REAL, STAGES, WARPS, Launch, Shapes, launch, named, precision, recording, split, target
+
+# ----- reference: dgemma.model.model.attention over KVCache.mask; rms_norm, then apply_rope, for norm_rope
+# (model/, which the kernels do not import)
+
+# ----- kernels
+
 LOG2E = tl.constexpr(1.4426950408889634)
-
-
-def rows_per_program(d: int) -> int:
-    """norm_rope's ROWS: about 2048 elements a program. 16 rows of 512 needed 255 registers and 552 B of spills on
-    sm_90a; this needs at most 166 and 32 B of stack (python -m dgemma.kernels.aot)."""
-    return triton.next_power_of_2(max(1, 2048 // d))
 
 
 @triton.jit
@@ -67,35 +77,6 @@ def _norm_rope_kernel(
     out = (out_ptr + b * stride_ob + ((slot0 + t) % ring) * stride_os + head * stride_oh)[:, None] + offs[None, :]
     tl.store(out, y1, mask=ok)
     tl.store(out + HALF, y2, mask=ok)
-
-
-def norm_rope(x, weight, inv_freq, eps: float, *, pos0: int, out=None, slot0: int = 0):
-    """x (B, T, H, d) raw projection -> RoPE(rms(x) * weight) (no RoPE when inv_freq is None, no weight when None).
-
-    Token t (position pos0 + t) goes to out[:, (slot0 + t) % R] with out (B, R, H, d); a (B, H, R, d) cache ring
-    is passed as its transposed view. Without `out`, returns a new head-major (B, H, T, d) tensor, the layout
-    `attention` takes its queries in.
-    """
-    B, T, H, d = x.shape
-    if d % 2:
-        raise ValueError(f"RoPE needs an even head dim, not {d}")
-    if out is None:
-        head_major = torch.empty(B, H, T, d, device=x.device, dtype=x.dtype)
-        norm_rope(x, weight, inv_freq, eps, pos0=pos0, out=head_major.transpose(1, 2))
-        return head_major
-    if out.shape[0] != B or out.shape[2:] != (H, d) or out.stride(-1) != 1 or x.stride(-1) != 1:
-        raise ValueError(f"out {tuple(out.shape)} does not hold the vectors of x {tuple(x.shape)} contiguously")
-    half = d // 2
-    rows = rows_per_program(d)
-    _norm_rope_kernel[(triton.cdiv(B * T * H, rows),)](
-        x, weight if weight is not None else x, inv_freq if inv_freq is not None else x, out,
-        T, H, B * T * H, pos0, slot0, out.shape[1], eps,
-        x.stride(0), x.stride(1), x.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        HALF=half, BLOCK_HALF=triton.next_power_of_2(half), ROWS=rows,
-        HAS_WEIGHT=weight is not None, ROPE=inv_freq is not None,
-    )  # fmt: skip
-    return out
 
 
 @triton.jit
@@ -183,27 +164,82 @@ def _combine_kernel(
     tl.store(out_ptr + row * HEAD_DIM + offs_d, tl.sum(w[:, None] * o, 0), mask=offs_d < HEAD_DIM)
 
 
-def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Tile sizes: the smallest legal tiles under the interpreter. On a GPU, the configs with the fewest register
-    spills in ptxas's report for sm_90a (tests/test_sm90.py prints it; no GPU has been available to time them):
-    starting points for `benchmarks/bench_attention.py --sweep`."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if device.type != "cuda":
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DV=block_d, num_warps=4, num_stages=1)
+# ----- tiles
+
+
+class NormRopeTile(NamedTuple):
+    ROWS: int  # vectors per program
+    num_warps: int = WARPS
+    num_stages: int = STAGES
+
+
+class AttentionTile(NamedTuple):
+    BLOCK_M: int  # query rows ((token, head) pairs) per program
+    BLOCK_N: int  # keys per step
+    BLOCK_DV: int  # value dims per program (below the head dim, programs share the dims and recompute the scores)
+    num_warps: int = WARPS
+    num_stages: int = STAGES
+
+
+class Tiles(NamedTuple):
+    norm_rope: NormRopeTile
+    attention: AttentionTile
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def tile_config(device, dtype: torch.dtype, *, head_dim: int) -> Tiles:
+    """The tiles for one head dim. norm_rope: about 2048 elements a program (16 rows of 512 needed 255 registers and
+    552 B of stack on sm_90a, 4 rows need 95 and 32 B). attention: the smallest legal tiles under the interpreter; on
+    a GPU, the configs with the fewest register spills in the sm_90a report (python -m dgemma.kernels.aot)."""
+    rows = NormRopeTile(ROWS=triton.next_power_of_2(max(1, 2048 // head_dim)))
+    block_d = _block_d(head_dim)
+    if not target(device).gpu:
+        return Tiles(rows, AttentionTile(BLOCK_M=16, BLOCK_N=16, BLOCK_DV=block_d, num_warps=4, num_stages=1))
     if dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_DV=min(block_d, 128), num_warps=4, num_stages=1)
+        return Tiles(rows, AttentionTile(BLOCK_M=32, BLOCK_N=32, BLOCK_DV=min(block_d, 128), num_warps=4, num_stages=1))
     if block_d <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_DV=block_d, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=64 if block_d <= 256 else 32, BLOCK_DV=block_d, num_warps=8, num_stages=2)
+        return Tiles(rows, AttentionTile(BLOCK_M=128, BLOCK_N=64, BLOCK_DV=block_d, num_warps=8, num_stages=2))
+    block_n = 64 if block_d <= 256 else 32
+    return Tiles(rows, AttentionTile(BLOCK_M=64, BLOCK_N=block_n, BLOCK_DV=block_d, num_warps=8, num_stages=2))
 
 
-def num_splits(programs: int, slots: int, block_n: int, device: torch.device) -> int:
-    """Enough key splits for about two programs per SM, each split keeping at least 4 key blocks."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(slots, 4 * block_n)))
+# ----- launchers
 
 
-def attention(q, k_cache, v_cache, pos, valid, n: int, band, *, splits: int | None = None, config: dict | None = None):
+def norm_rope(x, weight, inv_freq, eps: float, *, pos0: int, out=None, slot0: int = 0):
+    """x (B, T, H, d) raw projection -> RoPE(rms(x) * weight) (no RoPE when inv_freq is None, no weight when None).
+
+    Token t (position pos0 + t) goes to out[:, (slot0 + t) % R] with out (B, R, H, d); a (B, H, R, d) cache ring
+    is passed as its transposed view. Without `out`, returns a new head-major (B, H, T, d) tensor, the layout
+    `attention` takes its queries in.
+    """
+    B, T, H, d = x.shape
+    if d % 2:
+        raise ValueError(f"RoPE needs an even head dim, not {d}")
+    if out is None:
+        head_major = torch.empty(B, H, T, d, device=x.device, dtype=x.dtype)
+        norm_rope(x, weight, inv_freq, eps, pos0=pos0, out=head_major.transpose(1, 2))
+        return head_major
+    if out.shape[0] != B or out.shape[2:] != (H, d) or out.stride(-1) != 1 or x.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} does not hold the vectors of x {tuple(x.shape)} contiguously")
+    half = d // 2
+    tile = tile_config(x.device, x.dtype, head_dim=d).norm_rope
+    launch(
+        _norm_rope_kernel, (triton.cdiv(B * T * H, tile.ROWS),),
+        x, weight if weight is not None else x, inv_freq if inv_freq is not None else x, out,
+        T, H, B * T * H, pos0, slot0, out.shape[1], eps,
+        x.stride(0), x.stride(1), x.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        HALF=half, BLOCK_HALF=triton.next_power_of_2(half), HAS_WEIGHT=weight is not None, ROPE=inv_freq is not None,
+        **tile._asdict(),
+    )  # fmt: skip
+    return out
+
+
+def attention(q, k_cache, v_cache, pos, valid, n: int, band, *, splits: int | None = None, config: Tiles | None = None):
     """q (B, H, T, d) contiguous, normed and rotated, at positions n..n+T-1 (head-major, so the G query heads of a
     KV head are one block of rows); k_cache, v_cache (B, Hkv, R, d) rings whose slot s holds position pos[s] (-1 when
     empty) for the rows valid[:, s]; band (a, lo, b, hi) from KVCache.band.
@@ -217,19 +253,18 @@ def attention(q, k_cache, v_cache, pos, valid, n: int, band, *, splits: int | No
     if not q.is_contiguous() or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("q must be contiguous (B, H, T, d), and the caches need a contiguous head dim")
     S, G = min(R, n + T), H // Hkv
-    cfg = dict(config or tile_config(d, q.dtype, q.device))
-    block_d = max(16, triton.next_power_of_2(d))
-    num_dv = block_d // cfg["BLOCK_DV"]
-    m_blocks = triton.cdiv(G * T, cfg["BLOCK_M"])
-    if splits is None:
-        splits = num_splits(m_blocks * B * Hkv * num_dv, S, cfg["BLOCK_N"], q.device)
-    split_len = triton.cdiv(triton.cdiv(S, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-    splits = triton.cdiv(S, split_len)  # every split non-empty
+    tile = (config or tile_config(q.device, q.dtype, head_dim=d)).attention
+    block_d = _block_d(d)
+    num_dv = block_d // tile.BLOCK_DV
+    m_blocks = triton.cdiv(G * T, tile.BLOCK_M)
+    # every split at least 4 key blocks long
+    splits, split_len = split(S, tile.BLOCK_N, m_blocks * B * Hkv * num_dv, q.device, min_blocks=4, splits=splits)
     out = torch.empty_like(q)
     o = out.unsqueeze(0) if splits == 1 else torch.empty(splits, B, H, T, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(splits, B, H, T, device=q.device, dtype=torch.float32)
     a, lo, b, hi = band
-    _attention_kernel[(m_blocks, B * Hkv, splits * num_dv)](
+    launch(
+        _attention_kernel, (m_blocks, B * Hkv, splits * num_dv),
         q, k_cache, v_cache, pos, valid.view(torch.uint8),
         T, S, n, G, Hkv, a, lo, b, hi, split_len,
         q.stride(0), q.stride(2), q.stride(1),
@@ -239,11 +274,39 @@ def attention(q, k_cache, v_cache, pos, valid, n: int, band, *, splits: int | No
         o.stride(0), o.stride(1), o.stride(3),
         lse.stride(0), lse.stride(1),
         o, lse,
-        HEAD_DIM=d, BLOCK_D=block_d, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **cfg,
+        HEAD_DIM=d, BLOCK_D=block_d, PRECISION=precision(q.dtype), **tile._asdict(),
     )  # fmt: skip
     if splits > 1:
-        _combine_kernel[(B * T * H,)](
+        launch(
+            _combine_kernel, (B * T * H,),
             o, lse, splits, B * T * H, out,
             HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_SPLITS=triton.next_power_of_2(splits),
         )  # fmt: skip
+    return out
+
+
+def sm90_launches(shapes: Shapes = REAL) -> list[Launch]:
+    """Every attention launch of the model on an H100 in bf16, per layer type: norm_rope for q/k and for V, attention
+    over `shapes.context` committed keys split between programs (fp32 partials, then combine) and in one split (the
+    output itself). The launchers called on meta tensors, as model/fused.py calls them."""
+    T, H, n, out = shapes.canvas_length, shapes.num_attention_heads, shapes.context, []
+    sliding = (shapes.head_dim, shapes.num_key_value_heads, shapes.sliding_window - 1 + T)  # KVCache.slots_of
+    full = (shapes.global_head_dim, shapes.num_global_key_value_heads, n + T)
+    for d, Hkv, R in (sliding, full):
+        meta = lambda *shape, dtype=torch.bfloat16: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
+        q, keys, values = meta(1, H, T, d), meta(1, Hkv, R, d), meta(1, Hkv, R, d)
+        pos, valid, band = meta(R, dtype=torch.int64), meta(1, R, dtype=torch.bool), (0, 0, 1, 0)
+        weight, inv_freq = meta(d), meta(d // 2, dtype=torch.float32)
+        with recording() as qk:  # q into a new tensor, k into its cache ring: one compiled kernel
+            norm_rope(meta(1, T, H, d), weight, inv_freq, 1e-6, pos0=n)
+            norm_rope(meta(1, T, Hkv, d), weight, inv_freq, 1e-6, pos0=n, out=keys.transpose(1, 2), slot0=n)
+        with recording() as v:
+            norm_rope(meta(1, T, Hkv, d), None, None, 1e-6, pos0=n, out=values.transpose(1, 2), slot0=n)
+        with recording() as split_keys:
+            attention(q, keys, values, pos, valid, n, band)
+        with recording() as one_split:
+            attention(q, keys, values, pos, valid, n, band, splits=1)
+        partials, combine = named(split_keys, f"attention.attention d{d} o=fp32", f"attention.combine d{d}")
+        out += [partials, *named(one_split, f"attention.attention d{d} o=bf16"), combine]
+        out += named(qk, f"attention.norm_rope d{d} q/k") + named(v, f"attention.norm_rope d{d} v")
     return out

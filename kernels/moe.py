@@ -1,50 +1,61 @@
-"""Fused mixture-of-experts for DiffusionGemma: the Gemma-4 router, token-to-expert alignment and two grouped GEMMs.
+"""Fused mixture-of-experts for DiffusionGemma: the Gemma-4 router, token-to-expert alignment and two grouped GEMMs
+that read only the chosen experts' weights, each weight tile once per expert block.
 
-- `route` (architecture.md section 5.3 step 12): one kernel, BLOCK_T tokens per program. Weightless RMSNorm of the
-  residual, * router.scale * D^-1/2 (each product rounded to the activation dtype, as in the reference), the E-way
-  projection, fp32 softmax, top-K by repeated argmax (ties go to the lower expert id), renormalization over the K,
-  * per_expert_scale.
+- `route`: one kernel, BLOCK_T tokens per program. Weightless RMSNorm of the residual, * router.scale * D^-1/2 (each
+  product rounded to the activation dtype, as in the reference), the E-way projection, fp32 softmax, top-K by
+  repeated argmax (ties go to the lower expert id), renormalization over the K, * per_expert_scale.
 - `align`: sorts the P = T*K (token, choice) pairs by expert into BLOCK_M-padded blocks on the device, with no host
   sync (the idea of vLLM's moe_align_block_size, written anew). `_count_kernel` counts each expert's pairs;
   `_place_kernel`, one program per expert, gives the expert a run of whole blocks after the runs of the lower experts,
   writes its pair ids there in (token, choice) order and marks its padding rows with the sentinel P. The buffers are
   sized for the worst case, P + min(E, P) * (BLOCK_M - 1) rows; the blocks past the used ones get expert -1, and the
   GEMM programs that own them return at once.
-- `moe` (step 13): `_gate_up_kernel` gives each program one (expert block, N tile): it gathers its rows of x and
-  streams that expert's gate and up weight tiles once, accumulating both, so gelu_tanh(gate) * up is formed in
-  registers. `_down_kernel` streams the down tiles over those products and writes each pair's output row. Both grids
-  run the blocks fastest, so the two blocks of a busy expert read the same weight tile at about the same time (the
-  second read is an L2 hit). `_sum_kernel` adds each token's K rows times their fp32 routing weights, in fp32, in a
-  fixed order. The K-sum trade-off: fp32 atomics into a (T, D) output would skip the (P, D) intermediate (11.5 MB in
-  bf16 at T=256, written and read: 1.5% of the bytes of the bf16 expert bank, 3% of the fp8 one) but need a zeroed
-  fp32 output and a cast pass, and the sums would change from run to run. We keep the intermediate: deterministic,
-  and it holds exactly what the reference rounds (F.linear's output, in the activation dtype), so the weighted sum is
-  the reference's up to the order of the K fp32 additions.
-- fp8: expert banks in float8_e4m3fn with one fp32 scale per output channel (`Experts.quantize_fp8`, applied at load
-  time by `from_pretrained(..., expert_dtype="fp8")`). This is the weight-only variant: activations stay bf16 (fp16 /
-  fp32 in tests), the kernels upcast each fp8 weight tile in registers and apply the channel scale in the epilogue,
-  where it commutes with the reduction. The alternative, fp8 activations with dynamic per-token scales on the fp8
-  tensor cores, saves nothing on the weight stream that bounds this kernel and doubles an MMA rate that ~16 rows per
-  expert (T=256) do not need; which one is faster at equal accuracy must still be measured on an H100
-  (benchmarks/bench_moe.py times this one). No GPU has been available yet.
+- `moe`: `_gate_up_kernel` gives each program one (expert block, N tile): it gathers its rows of x and streams that
+  expert's gate and up weight tiles once, accumulating both, so gelu_tanh(gate) * up is formed in registers.
+  `_down_kernel` streams the down tiles over those products and writes each pair's output row. Both grids run the
+  blocks fastest, so the two blocks of a busy expert read the same weight tile at about the same time (the second
+  read is an L2 hit). `_sum_kernel` adds each token's K rows times their fp32 routing weights, in fp32, in a fixed
+  order. The K-sum trade-off: fp32 atomics into a (T, D) output would skip the (P, D) intermediate (11.5 MB in bf16
+  at T=256, written and read: 1.5% of the bytes of the bf16 expert bank, 3% of the fp8 one) but need a zeroed fp32
+  output and a cast pass, and the sums would change from run to run. The intermediate is deterministic and holds
+  exactly what the reference rounds (F.linear's output, in the activation dtype), so the weighted sum is the
+  reference's up to the order of the K fp32 additions.
+- fp8: expert banks in float8_e4m3fn with one fp32 scale per output channel (model/fp8.py, applied at load time by
+  `from_pretrained(..., expert_dtype="fp8")`). Weight-only: activations stay bf16 (fp16 / fp32 in tests), the kernels
+  upcast each fp8 weight tile in registers and apply the channel scale in the epilogue, where it commutes with the
+  reduction. fp8 activations with dynamic per-token scales on the fp8 tensor cores would save nothing on the weight
+  stream that bounds this kernel, and double an MMA rate that ~16 rows per expert (T=256) do not need.
+
+Limits: the GEMM tiles are chosen from ptxas's sm_90a resource report, not by timing (benchmarks/bench_moe.py --sweep
+times the alternatives). Runs under Triton 3.6 and 3.9 (and its interpreter, TRITON_INTERPRET=1, where fp8 loads
+work but bf16 dots do not: CPU tests use fp32 and fp16).
+
+Reference: `dgemma.model.model.Router` for `route`, `dgemma.model.model.moe` for `moe` (tests/test_moe.py).
 
 Legend: T tokens, K choices (experts) per token, P = T*K pairs, E experts, D hidden, I expert width. Tiles: BLOCK_M
 rows (pairs), BLOCK_N output columns, BLOCK_R the reduced dim.
-Runs under Triton 3.6 (the GPU image) and 3.9 (CI, TRITON_INTERPRET=1 on the CPU, where fp8 loads work; bf16 dots do
-not, so CPU tests use fp32 and fp16).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .common import REAL, STAGES, WARPS, Launch, Shapes, launch, named, precision, recording, target
+
 FP8 = torch.float8_e4m3fn
+
+# ----- reference: dgemma.model.model.Router for route, dgemma.model.model.moe for moe (model/, which the kernels do
+# not import)
+
+# ----- kernels
 
 
 @triton.jit
-def _router_kernel(
+def _route_kernel(
     r_ptr, scale_ptr, proj_ptr, expert_scale_ptr,
     T, D, E, eps, root,
     stride_rt, stride_pe,
@@ -262,9 +273,54 @@ def _sum_kernel(
     tl.store(out_ptr + offs_t[:, None] * stride_ot + offs_d[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 operands get true fp32 products, as the reference's; 16-bit operands ignore the setting
-    return "ieee" if dtype == torch.float32 else "tf32"
+# ----- tiles
+
+
+class TokenTile(NamedTuple):
+    BLOCK_T: int  # tokens per program
+    BLOCK_D: int  # hidden dims: per step (route), per program (the K-sum)
+    num_warps: int = WARPS
+    num_stages: int = STAGES
+
+
+class AlignTile(NamedTuple):
+    BLOCK_P: int  # pairs per step
+    num_warps: int = WARPS
+    num_stages: int = STAGES
+
+
+class GemmTile(NamedTuple):
+    BLOCK_M: int  # pairs per expert block: align's padding unit and the GEMMs' rows
+    BLOCK_N: int  # output columns per program
+    BLOCK_R: int  # reduced dims per step
+    num_warps: int = WARPS
+    num_stages: int = STAGES
+
+
+class Tiles(NamedTuple):
+    route: TokenTile
+    align: AlignTile
+    gemm: GemmTile
+    sum: TokenTile
+
+
+def tile_config(device, dtype: torch.dtype, *, tokens: int, top_k: int, experts: int) -> Tiles:
+    """The tiles for T tokens routed to K of E experts (the same for every activation dtype). Under the interpreter
+    the smallest legal ones. On a GPU: the router's 16 tokens are the smallest tl.dot tile (it reads proj, 0.7 MB,
+    once per program, from L2 after the first); BLOCK_M grows with the mean rows per expert T*K/E, so that at T=256
+    (16 per expert) most experts fit one block and each weight tile is streamed once; BLOCK_R 64 for fp8 banks too:
+    at 128 their gate_up needs 197 registers on sm_90a (an earlier ptxas spilled 1480 B), at 64 128 (python -m
+    dgemma.kernels.aot)."""
+    if not target(device).gpu:
+        gemm = GemmTile(BLOCK_M=16, BLOCK_N=16, BLOCK_R=16, num_warps=4, num_stages=1)
+        return Tiles(TokenTile(BLOCK_T=16, BLOCK_D=16), AlignTile(BLOCK_P=256), gemm, TokenTile(BLOCK_T=16, BLOCK_D=64))
+    rows = tokens * top_k / experts
+    block_m = 16 if rows <= 8 else 32 if rows <= 24 else 64
+    gemm = GemmTile(BLOCK_M=block_m, BLOCK_N=64, BLOCK_R=64, num_warps=4, num_stages=4)
+    return Tiles(TokenTile(BLOCK_T=16, BLOCK_D=64), AlignTile(BLOCK_P=1024), gemm, TokenTile(BLOCK_T=16, BLOCK_D=256))
+
+
+# ----- launchers
 
 
 def route(r, scale, proj, per_expert_scale, top_k: int, eps: float):
@@ -283,15 +339,15 @@ def route(r, scale, proj, per_expert_scale, top_k: int, eps: float):
         raise ValueError("r and proj need a contiguous last dim and the same dtype")
     weights = torch.empty(T, top_k, device=r.device, dtype=torch.float32)
     idx = torch.empty(T, top_k, device=r.device, dtype=torch.int32)
-    block_t = 16  # the smallest tl.dot tile; the router reads proj (0.7 MB) once per program, from L2 after the first
-    block_d = 16 if r.device.type != "cuda" else 64
-    _router_kernel[(triton.cdiv(T, block_t),)](
+    tile = tile_config(r.device, r.dtype, tokens=T, top_k=top_k, experts=E).route
+    launch(
+        _route_kernel, (triton.cdiv(T, tile.BLOCK_T),),
         r, scale, proj, per_expert_scale,
         T, D, E, eps, D**-0.5,
         r.stride(0), proj.stride(0),
         weights, idx,
-        K=top_k, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_E=max(16, triton.next_power_of_2(E)),
-        BLOCK_K=triton.next_power_of_2(top_k), PRECISION=_precision(r.dtype),
+        K=top_k, BLOCK_E=max(16, triton.next_power_of_2(E)), BLOCK_K=triton.next_power_of_2(top_k),
+        PRECISION=precision(r.dtype), **tile._asdict(),
     )  # fmt: skip
     return weights, idx
 
@@ -309,30 +365,19 @@ def align(idx, num_experts: int, block_m: int):
     counts = torch.empty(E, device=idx.device, dtype=torch.int32)
     pair = torch.empty(blocks * block_m, device=idx.device, dtype=torch.int32)
     block_expert = torch.empty(blocks, device=idx.device, dtype=torch.int32)
-    block_p = 1024 if idx.device.type == "cuda" else 256
-    _count_kernel[(E,)](flat, P, counts, BLOCK_P=block_p)
-    _place_kernel[(E,)](
+    tile = tile_config(idx.device, idx.dtype, tokens=idx.shape[0], top_k=idx.shape[-1], experts=E).align
+    launch(_count_kernel, (E,), flat, P, counts, **tile._asdict())
+    launch(
+        _place_kernel, (E,),
         flat, counts,
         P, E, blocks,
         pair, block_expert,
-        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_E=max(16, triton.next_power_of_2(E)),
+        BLOCK_M=block_m, BLOCK_E=max(16, triton.next_power_of_2(E)), **tile._asdict(),
     )  # fmt: skip
     return pair, block_expert
 
 
-def tile_config(tokens: int, top_k: int, num_experts: int, device: torch.device) -> dict:
-    """GEMM tiles: the smallest legal tiles under the interpreter; on a GPU, untuned starting points (no GPU has been
-    available to tune them with benchmarks/bench_moe.py). BLOCK_M grows with the mean rows per expert T*K/E, so that
-    at T=256 (16 per expert) most experts fit one block and each weight tile is streamed once."""
-    if device.type != "cuda":
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_R=16, num_warps=4, num_stages=1)
-    rows = tokens * top_k / num_experts
-    block_m = 16 if rows <= 8 else 32 if rows <= 24 else 64
-    # BLOCK_R 64 for fp8 banks too: at 128 their gate_up spilled 1480 B on sm_90a, at 64 160 B (dgemma.kernels.aot)
-    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_R=64, num_warps=4, num_stages=4)
-
-
-def moe(x, weights, idx, gate_up_proj, down_proj, gate_up_scale=None, down_scale=None, *, config: dict | None = None):
+def moe(x, weights, idx, gate_up_proj, down_proj, gate_up_scale=None, down_scale=None, *, config: Tiles | None = None):
     """x (T, D); weights (T, K) fp32 and idx (T, K) from `route`; gate_up_proj (E, 2I, D) rows [gate; up] and
     down_proj (E, D, I), in x's dtype, or float8_e4m3fn with fp32 per-output-channel scales gate_up_scale (E, 2I) and
     down_scale (E, D). Returns sum_k weights[t, k] * expert_{idx[t, k]}(x[t]), (T, D) in x's dtype."""
@@ -358,16 +403,16 @@ def moe(x, weights, idx, gate_up_proj, down_proj, gate_up_scale=None, down_scale
         )
     if x.stride(-1) != 1 or gate_up_proj.stride(-1) != 1 or down_proj.stride(-1) != 1:
         raise ValueError("x and the expert banks need a contiguous last dim")
-    cfg = dict(config or tile_config(T, K, E, x.device))
-    block_m = cfg.pop("BLOCK_M")
-    pair, block_expert = align(idx, E, block_m)
+    tiles = config or tile_config(x.device, x.dtype, tokens=T, top_k=K, experts=E)
+    gemm = tiles.gemm
+    pair, block_expert = align(idx, E, gemm.BLOCK_M)
     blocks = block_expert.numel()
     weights = weights.float().contiguous()
     gate_up_scale = gate_up_scale.float().contiguous() if scaled else gate_up_proj
     down_scale = down_scale.float().contiguous() if scaled else down_proj
-    precision = _precision(x.dtype)
-    h = torch.empty(blocks * block_m, I, device=x.device, dtype=x.dtype)  # gelu(gate) * up, sorted and padded rows
-    _gate_up_kernel[(blocks, triton.cdiv(I, cfg["BLOCK_N"]))](
+    h = torch.empty(blocks * gemm.BLOCK_M, I, device=x.device, dtype=x.dtype)  # gelu(gate) * up, sorted, padded rows
+    launch(
+        _gate_up_kernel, (blocks, triton.cdiv(I, gemm.BLOCK_N)),
         x, gate_up_proj, gate_up_scale, pair, block_expert,
         T * K, K, D, I,
         x.stride(0),
@@ -375,10 +420,11 @@ def moe(x, weights, idx, gate_up_proj, down_proj, gate_up_scale=None, down_scale
         gate_up_scale.stride(0),
         h.stride(0),
         h,
-        BLOCK_M=block_m, EVEN_R=D % cfg["BLOCK_R"] == 0, SCALED=scaled, PRECISION=precision, **cfg,
+        EVEN_R=D % gemm.BLOCK_R == 0, SCALED=scaled, PRECISION=precision(x.dtype), **gemm._asdict(),
     )  # fmt: skip
     y = torch.empty(T * K, D, device=x.device, dtype=x.dtype)  # each pair's expert output, (token, choice) order
-    _down_kernel[(blocks, triton.cdiv(D, cfg["BLOCK_N"]))](
+    launch(
+        _down_kernel, (blocks, triton.cdiv(D, gemm.BLOCK_N)),
         h, down_proj, down_scale, pair, block_expert,
         T * K, I, D,
         h.stride(0),
@@ -386,15 +432,35 @@ def moe(x, weights, idx, gate_up_proj, down_proj, gate_up_scale=None, down_scale
         down_scale.stride(0),
         y.stride(0),
         y,
-        BLOCK_M=block_m, EVEN_R=I % cfg["BLOCK_R"] == 0, SCALED=scaled, PRECISION=precision, **cfg,
+        EVEN_R=I % gemm.BLOCK_R == 0, SCALED=scaled, PRECISION=precision(x.dtype), **gemm._asdict(),
     )  # fmt: skip
     out = torch.empty(T, D, device=x.device, dtype=x.dtype)
-    block_t, block_d = (16, 256) if x.device.type == "cuda" else (16, triton.next_power_of_2(D))
-    _sum_kernel[(triton.cdiv(T, block_t), triton.cdiv(D, block_d))](
+    tile = tiles.sum
+    launch(
+        _sum_kernel, (triton.cdiv(T, tile.BLOCK_T), triton.cdiv(D, tile.BLOCK_D)),
         y, weights,
         T, D, K,
         y.stride(0), out.stride(0),
         out,
-        BLOCK_T=block_t, BLOCK_D=block_d,
+        **tile._asdict(),
     )  # fmt: skip
     return out
+
+
+def sm90_launches(shapes: Shapes = REAL) -> list[Launch]:
+    """Every MoE launch of the model on an H100 for one canvas: route, then align and the GEMMs over bf16 and over
+    fp8 expert banks. The launchers called on meta tensors, as model/fused.py calls them."""
+    T, K, E = shapes.canvas_length, shapes.top_k_experts, shapes.num_experts
+    D, I = shapes.hidden_size, shapes.moe_intermediate_size
+    meta = lambda *shape, dtype=torch.bfloat16: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
+    with recording() as router:
+        weights, idx = route(meta(T, D), meta(D), meta(E, D), meta(E), K, 1e-6)
+    with recording() as bf16:
+        moe(meta(T, D), weights, idx, meta(E, 2 * I, D), meta(E, D, I))
+    with recording() as fp8:
+        scales = meta(E, 2 * I, dtype=torch.float32), meta(E, D, dtype=torch.float32)
+        moe(meta(T, D), weights, idx, meta(E, 2 * I, D, dtype=FP8), meta(E, D, I, dtype=FP8), *scales)
+    labels = "moe.count", "moe.place", "moe.gate_up bf16", "moe.down bf16", "moe.sum"
+    count, place, gate_up, down, ksum = named(bf16, *labels)
+    fp8 = named([launch for launch in fp8 if launch not in bf16], "moe.gate_up fp8", "moe.down fp8")  # align, sum: same
+    return [*named(router, "moe.route"), count, place, gate_up, down, *fp8, ksum]

@@ -1,7 +1,7 @@
-"""The entropy-bound sampler's per-step state update on the device, so a whole canvas runs without a host sync.
+"""The entropy-bound sampler's per-step state update on the device, so that a whole canvas runs without a host sync.
 
-After the vocabulary pass (vocab.py) has produced each position's argmax, sample and entropy, one step of
-../shared/docs/sampler.md sections 3.2 (7-9) and 3.5, with `runtime/sampler.py` as the reference:
+After the vocabulary pass (vocab.py) has produced each position's argmax, sample and entropy, one step of the
+runtime's denoising loop:
 
 - `_step_kernel`, one program per batch row: entropy-bound acceptance (position j is accepted iff the entropies of
   the positions sorted before it, by (entropy, index), sum to at most the bound: `entropy_bound_accept` without a
@@ -15,16 +15,30 @@ After the vocabulary pass (vocab.py) has produced each position's argmax, sample
   next step's temperature from the schedule (`runtime.sampler.temperature` at every step, computed once on the host,
   so bit-equal to transformers').
 
+Limits: the renoise draws a uint32 modulo V, exactly uniform only for V a power of 2 (the bias is below V / 2^32).
+The draws differ from the PyTorch loop's (Philox in-kernel, not torch's generator); the decisions do not.
+
+Reference: runtime/sampler.py's `entropy_bound_accept`, `stable` and `temperature`, and runtime/pipeline.py's
+per-step loop with `SeededDraws` (tests/test_sampler_kernel.py).
+
 Legend: B batch rows, C canvas positions, V vocabulary, N max denoising steps, s stability threshold.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .common import REAL, STAGES, WARPS, Launch, Shapes, launch, named, recording
+
+# ----- reference: runtime/sampler.py's entropy_bound_accept, stable and temperature in runtime/pipeline.py's per-step
+# loop (runtime/, which the kernels do not import)
+
+# ----- kernels
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -96,6 +110,27 @@ def _finish_kernel(
     tl.store(temperature_ptr + offs, temperature, mask=ok)
 
 
+# ----- tiles
+
+
+class StepTile(NamedTuple):
+    BLOCK_J: int  # positions compared against all C per step of the acceptance
+    num_warps: int = WARPS
+    num_stages: int = STAGES
+
+
+class Tiles(NamedTuple):
+    step: StepTile
+
+
+def tile_config(device, dtype: torch.dtype, *, canvas: int) -> Tiles:
+    """16 positions at a time: a (16, C) comparison, 4k elements at C = 256 (the same everywhere)."""
+    return Tiles(StepTile(BLOCK_J=min(16, triton.next_power_of_2(canvas))))
+
+
+# ----- state and launcher
+
+
 @dataclass
 class SamplerState:
     """Every per-canvas tensor of the no-sync denoising loop, on the device."""
@@ -151,15 +186,33 @@ def sampler_step(
     s = state.history.shape[0]
     history = state.history if s else state.canvas  # never read when s = 0, but a pointer must be valid
     flags = [t.view(torch.uint8) for t in (state.done, state.frozen, state.accepted)]
-    _step_kernel[(B,)](
+    tile = tile_config(state.canvas.device, entropy.dtype, canvas=C).step
+    launch(
+        _step_kernel, (B,),
         entropy, sample, argmax, state.tick, state.step, state.running,
         B, C, V, s, seed, bound, threshold,
         state.canvas, state.argmax, history, *flags, state.counts[1:], passes,
-        BLOCK_C=triton.next_power_of_2(C), BLOCK_J=min(16, triton.next_power_of_2(C)),
+        BLOCK_C=triton.next_power_of_2(C), **tile._asdict(),
     )  # fmt: skip
-    _finish_kernel[(1,)](
+    launch(
+        _finish_kernel, (1,),
         state.schedule,
         B, state.schedule.numel(),
         flags[0], flags[1], state.temperature, state.step, state.tick, state.running, state.counts,
         BLOCK_B=triton.next_power_of_2(B),
     )  # fmt: skip
+
+
+def sm90_launches(shapes: Shapes = REAL) -> list[Launch]:
+    """The sampler's launches for one canvas (B = 1) on an H100: the launcher called on meta tensors, as
+    runtime/pipeline.py's DeviceLoop calls it."""
+    C, D, N = shapes.canvas_length, shapes.hidden_size, 48  # any step count N compiles the same
+    meta = lambda *shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
+    state = SamplerState.new(1, C, D, 1, meta(N, dtype=torch.float32), torch.bfloat16)
+    argmax, sample = meta(1, C, dtype=torch.int64), meta(1, C, dtype=torch.int64)
+    with recording() as launches:
+        sampler_step(
+            state, argmax, sample, meta(1, C, dtype=torch.float32), meta(1, dtype=torch.int64),
+            V=shapes.vocab_size, seed=0, bound=0.1, threshold=0.05,
+        )  # fmt: skip
+    return named(launches, "sampler.step", "sampler.finish")

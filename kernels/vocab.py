@@ -1,8 +1,8 @@
-"""The vocabulary pass of a denoising step, fused: final hidden states in, everything the sampler needs out.
+"""The vocabulary pass of a denoising step, fused: final hidden states in, everything the sampler needs out, reading
+the embedding table E twice and never writing the scaled logits in fp32.
 
-Per position (row) of h: the scaled logits z = softcap(h E^T) / T (../shared/docs/sampler.md section 3.2), their
-argmax, a sample from softmax(z), the max probability and the entropy of softmax(z), and the next step's
-self-conditioning input softmax(bf16(z)) @ E * sqrt(D) (section 3.4), without ever writing z in fp32.
+Per position (row) of h: the scaled logits z = softcap(h E^T) / T, their argmax, a sample from softmax(z), the max
+probability and the entropy of softmax(z), and the next step's self-conditioning input softmax(bf16(z)) @ E * sqrt(D).
 
 - `_stats_kernel`, one program per (row tile, vocabulary split), streams its split of E once: each tile of logits is
   accumulated in fp32, rounded to the activation dtype (as the reference's F.linear output is), soft-capped
@@ -24,12 +24,16 @@ costs 134 MB per 256 positions (written once, normalized in place, read once fro
 on an H100). Recomputing needs no buffer, but the soft-embedding GEMM is tiled over D (its output, 256 x 2816 fp32,
 cannot live in one program), so every D tile would redo the LM head's 0.38 TFLOP over all of D: 11 times at
 BLOCK_N = 256, ~4 TFLOP, ~5 ms at the bf16 peak, half a decoder step. So the stash is the default;
-`vocab_pass(stash=False)` runs the recompute variant (RECOMPUTE in `_soft_kernel`) for a measurement or a
-memory-starved batch.
+`vocab_pass(stash=False)` runs the recompute variant (RECOMPUTE in `_soft_kernel`) for a memory-starved batch.
+With `logits`, the pass reads an exported decoder graph's fp32 soft-capped logits where it would compute them.
+
+Limits: the tiles are chosen from the sm_90a report and byte counts, not by timing; `_soft_kernel` and the logits
+variant of `_stats_kernel` spill on sm_90a (tile_config). Runs under Triton 3.6 and 3.9 (and its interpreter,
+TRITON_INTERPRET=1, where bf16 dots are wrong: CPU tests use fp32 and fp16).
+
+Reference: `vocab_ref` below, the model's and the sampler's own ops unfused (tests/test_vocab.py).
 
 Legend: R rows (B batch rows of C canvas positions), V vocabulary, D hidden, S splits of the reduced dimension.
-Runs under Triton 3.6 (the GPU image) and 3.9 (CI, TRITON_INTERPRET=1 on the CPU, where bf16 dots are wrong: CPU
-tests use fp32 and fp16).
 """
 
 from __future__ import annotations
@@ -41,49 +45,43 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..runtime.sampler import entropy as entropy_ref
+from .common import (
+    NEG,
+    REAL,
+    STAGES,
+    WARPS,
+    Launch,
+    Shapes,
+    launch,
+    log1p,
+    named,
+    precision,
+    recording,
+    split,
+    tanh,
+    target,
+)
 
-NEG = tl.constexpr(-1.0e30)  # the empty max and masked logits: finite, so exp(NEG - m) is 0 and never NaN
-MIN_EXP = tl.constexpr(5.9604645e-08)  # 2^-24: the least -log(u) for u < 1 in fp32; floors an approximate log
-G_MAX = tl.constexpr(17.0)  # > -log(MIN_EXP) = 16.64: no Gumbel draw exceeds it
-
-
-class VocabOut(NamedTuple):
-    argmax: torch.Tensor  # (R,) int64: first index of the max scaled logit
-    sample: torch.Tensor  # (R,) int64: a draw from softmax(scaled logits)
-    max_prob: torch.Tensor  # (R,) fp32: max of softmax(scaled logits)
-    entropy: torch.Tensor  # (R,) fp32: entropy (nats) of softmax(scaled logits)
-    soft: torch.Tensor  # (R, D) activation dtype: softmax_fp32(bf16(scaled logits)) in bf16 @ E * sqrt(D)
+# ----- reference
 
 
 def vocab_ref(h, weight, temperature, cap: float, scale: float):
     """h (R, D), weight (V, D), temperature (B,) for R = B*C rows -> scaled logits (R, V) fp32, then argmax, max
-    probability, entropy (R,) and soft embedding (R, D): the model's and the sampler's own ops, unfused."""
+    probability, entropy (R,) and soft embedding (R, D): `DiffusionGemma.logits`, the sampler's temperature and
+    `entropy` (runtime/sampler.py) and `DiffusionGemma.soft_embedding`, unfused."""
     T = temperature.repeat_interleave(h.shape[0] // temperature.numel())[:, None]
     z = cap * torch.tanh(F.linear(h, weight).float() / cap) / T  # read E, write R*V fp32; then 3 read+write passes
     probs = z.to(weight.dtype).softmax(-1, dtype=torch.float32).to(weight.dtype)  # read R*V fp32 twice, write bf16
     soft = (probs @ weight) * torch.tensor(scale, dtype=weight.dtype)  # read R*V bf16 and E again
-    return z, z.argmax(-1), z.softmax(-1).amax(-1), entropy_ref(z), soft  # 4 more passes over R*V fp32
+    logp = z - z.logsumexp(-1, keepdim=True)  # the entropy as torch.distributions.Categorical computes it
+    entropy = -(logp.clamp(min=torch.finfo(logp.dtype).min) * logp.softmax(-1)).sum(-1)
+    return z, z.argmax(-1), z.softmax(-1).amax(-1), entropy, soft  # 4 more passes over R*V fp32
 
 
-@triton.jit
-def _tanh(y):
-    # no tanh in basic tl: (1 - e) / (1 + e) with e = exp(-2|y|) <= 1 (cannot overflow); below |y| = 1/8, where 1 - e
-    # cancels, the odd Taylor polynomial (its next term is < 2e-9 relative there)
-    a = tl.abs(y)
-    e = tl.exp(-2.0 * a)
-    a2 = a * a
-    small = a * (1.0 + a2 * (-0.3333333333 + a2 * (0.1333333333 + a2 * -0.05396825397)))
-    t = tl.where(a < 0.125, small, (1.0 - e) / (1.0 + e))
-    return tl.where(y < 0, -t, t)
+# ----- kernels
 
-
-@triton.jit
-def _log1p(x):
-    # log(1 + x) to full relative precision for a tiny x (no log1p in basic tl): divide 1 + x's rounding back out
-    u = 1.0 + x
-    d = u - 1.0
-    return tl.where(d == 0.0, x, tl.log(u) * (x / tl.where(d == 0.0, 1.0, d)))
+MIN_EXP = tl.constexpr(5.9604645e-08)  # 2^-24: the least -log(u) for u < 1 in fp32; floors an approximate log
+G_MAX = tl.constexpr(17.0)  # > -log(MIN_EXP) = 16.64: no Gumbel draw exceeds it
 
 
 @triton.jit
@@ -102,7 +100,7 @@ def _scaled_logits(
         w = tl.load(w_rows + d0 + offs_d[None, :], mask=d_ok, other=0.0)
         acc += tl.dot(h, tl.trans(w), input_precision=PRECISION)
     x = acc.to(h_ptr.dtype.element_ty).to(tl.float32)  # F.linear's output is in the activation dtype
-    return cap * _tanh(x / cap) / temp[:, None]
+    return cap * tanh(x / cap) / temp[:, None]
 
 
 @triton.jit
@@ -236,7 +234,7 @@ def _combine_kernel(
         tl.store(argmax_ptr + rows, arg.to(tl.int64), mask=row_ok)
         tl.store(sample_ptr + rows, garg.to(tl.int64), mask=row_ok)
         tl.store(max_prob_ptr + rows, 1.0 / l_all, mask=row_ok)
-        tl.store(entropy_ptr + rows, _log1p(lm_all) - s_all / l_all, mask=row_ok)
+        tl.store(entropy_ptr + rows, log1p(lm_all) - s_all / l_all, mask=row_ok)
         tl.store(norm_ptr + 2 * rows, mb, mask=row_ok)
         tl.store(norm_ptr + 2 * rows + 1, lb_all, mask=row_ok)
     # ----- the stash becomes the bf16 probabilities, in place
@@ -314,40 +312,82 @@ def _soft_reduce_kernel(
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_or + offs[None, :], soft, mask=ok)
 
 
-def tile_config(device: torch.device) -> dict:
-    """Per-kernel tiles: small ones under the interpreter (its cost is per op, so not the smallest legal); on a GPU,
-    large tiles for sm_90a, never timed (no GPU has been available). `python -m dgemma.kernels.aot` under Triton 3.6
-    (the GPU image's): stats 255 registers and 40 B of stack, soft 255 and 200 B (32 B recomputing); Triton 3.9
-    spills more (soft 1.2 kB; stats over logits 3.5 kB, none under 3.6). soft at BLOCK_N = 128 spills nothing in
-    either but reads the probability stash 22 times instead of 11 (2.9 GB against 1.5 GB per 256 positions): which
-    costs less is for a GPU measurement to decide."""
-    if device.type != "cuda":
-        return dict(
-            stats=dict(BLOCK_M=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1),
-            soft=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, BLOCK_D=32, num_warps=4, num_stages=1),
-            combine=dict(BLOCK_R=16, BLOCK_V=128),
-            reduce=dict(BLOCK_R=16, BLOCK_N=64),
+# ----- tiles
+
+
+class StatsTile(NamedTuple):
+    BLOCK_M: int  # rows per program
+    BLOCK_V: int  # vocabulary ids per step
+    BLOCK_D: int  # hidden dims per step of the logits' dot (and of the recomputed logits in `_soft_kernel`)
+    num_warps: int = WARPS
+    num_stages: int = STAGES
+
+
+class CombineTile(NamedTuple):
+    BLOCK_R: int  # rows per program
+    BLOCK_V: int  # vocabulary ids per step of the stash's normalization
+    num_warps: int = WARPS
+    num_stages: int = STAGES
+
+
+class SoftTile(NamedTuple):
+    BLOCK_M: int  # rows per program
+    BLOCK_N: int  # output (hidden) dims per program
+    BLOCK_K: int  # vocabulary ids per step
+    BLOCK_D: int  # hidden dims per step of the recomputed logits' dot
+    num_warps: int = WARPS
+    num_stages: int = STAGES
+
+
+class ReduceTile(NamedTuple):
+    BLOCK_R: int  # rows per program
+    BLOCK_N: int  # hidden dims per program
+    num_warps: int = WARPS
+    num_stages: int = STAGES
+
+
+class Tiles(NamedTuple):
+    stats: StatsTile
+    combine: CombineTile
+    soft: SoftTile
+    reduce: ReduceTile
+
+
+def tile_config(device, dtype: torch.dtype) -> Tiles:
+    """Per-kernel tiles (the same for every dtype and shape): small ones under the interpreter (its cost is per op,
+    so not the smallest legal); on a GPU, large tiles for sm_90a. In the sm_90a report (Triton 3.9's ptxas) stats
+    over hidden states needs 255 registers and 24 B of stack, over fp32 logits 3.5 kB (none under Triton 3.6); soft
+    1.2 kB (200 B under 3.6). soft at BLOCK_N = 128 spills nothing but reads the probability stash 22 times instead
+    of 11 (2.9 GB against 1.5 GB per 256 positions)."""
+    if not target(device).gpu:
+        return Tiles(
+            stats=StatsTile(BLOCK_M=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1),
+            combine=CombineTile(BLOCK_R=16, BLOCK_V=128),
+            soft=SoftTile(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, BLOCK_D=32, num_warps=4, num_stages=1),
+            reduce=ReduceTile(BLOCK_R=16, BLOCK_N=64),
         )
-    return dict(
-        stats=dict(BLOCK_M=128, BLOCK_V=64, BLOCK_D=64, num_warps=8, num_stages=3),
-        soft=dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, BLOCK_D=64, num_warps=8, num_stages=3),
-        combine=dict(BLOCK_R=4, BLOCK_V=1024, num_warps=4),
-        reduce=dict(BLOCK_R=8, BLOCK_N=256, num_warps=4),
+    return Tiles(
+        stats=StatsTile(BLOCK_M=128, BLOCK_V=64, BLOCK_D=64, num_warps=8, num_stages=3),
+        combine=CombineTile(BLOCK_R=4, BLOCK_V=1024, num_warps=4),
+        soft=SoftTile(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, BLOCK_D=64, num_warps=8, num_stages=3),
+        reduce=ReduceTile(BLOCK_R=8, BLOCK_N=256, num_warps=4),
     )
 
 
-def _split(tiles: int, length: int, block: int, device: torch.device, splits: int | None) -> tuple[int, int]:
-    """(splits, split length) of a reduced dimension: about two programs per SM, every split non-empty."""
-    if splits is None:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        splits = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(length, block)))
-    split_len = triton.cdiv(triton.cdiv(length, splits), block) * block
-    return triton.cdiv(length, split_len), split_len
+# ----- launcher
+
+
+class VocabOut(NamedTuple):
+    argmax: torch.Tensor  # (R,) int64: first index of the max scaled logit
+    sample: torch.Tensor  # (R,) int64: a draw from softmax(scaled logits)
+    max_prob: torch.Tensor  # (R,) fp32: max of softmax(scaled logits)
+    entropy: torch.Tensor  # (R,) fp32: entropy (nats) of softmax(scaled logits)
+    soft: torch.Tensor  # (R, D) activation dtype: softmax_fp32(bf16(scaled logits)) in bf16 @ E * sqrt(D)
 
 
 def vocab_pass(
     h, weight, temperature, tick, *, seed: int, cap: float, scale: float, soft=None, keep=None, stash: bool = True,
-    logits: bool = False, splits: int | None = None, config: dict | None = None,
+    logits: bool = False, splits: int | None = None, config: Tiles | None = None,
 ) -> VocabOut:  # fmt: skip
     """h (R, D) final hidden states, weight (V, D) the tied embedding table, temperature (B,) fp32 for R = B*C rows
     (row r has temperature[r // C]), tick (1,) int64 the step's random-number counter, on the device.
@@ -371,48 +411,73 @@ def vocab_pass(
     keep = torch.zeros(B, dtype=torch.bool, device=h.device) if keep is None else keep
     if keep.shape != (B,) or keep.dtype != torch.bool:
         raise ValueError(f"keep must be ({B},) bool")
-    cfg = config or tile_config(h.device)
-    precision = "ieee" if weight.dtype == torch.float32 else "tf32"
+    tiles = config or tile_config(h.device, weight.dtype)
+    dot_precision = precision(weight.dtype)
     C = R // B
-    st = dict(cfg["stats"])
-    row_tiles = triton.cdiv(R, st["BLOCK_M"])
-    S, split_len = _split(row_tiles, V, st["BLOCK_V"], h.device, splits)
+    st = tiles.stats
+    row_tiles = triton.cdiv(R, st.BLOCK_M)
+    S, split_len = split(V, st.BLOCK_V, row_tiles, h.device, splits=splits)
     # the stash, then the probabilities; without it only its dtype is read: the activation dtype, the combine rounds to
     z = torch.empty(R, V, device=h.device, dtype=weight.dtype) if stash else weight
     part_f = torch.empty(5, S, R, device=h.device, dtype=torch.float32)
     part_i = torch.empty(2, S, R, device=h.device, dtype=torch.int32)
-    _stats_kernel[(row_tiles, S)](
+    launch(
+        _stats_kernel, (row_tiles, S),
         h, weight, temperature, tick,
         R, V, D, C, seed, split_len, cap,
         h.stride(0), weight.stride(0), z.stride(0),
         z, part_f, part_i,
-        STASH=stash, LOGITS=logits, PRECISION=precision, **st,
+        STASH=stash, LOGITS=logits, PRECISION=dot_precision, **st._asdict(),
     )  # fmt: skip
     out = [torch.empty(R, device=h.device, dtype=dt) for dt in (torch.int64, torch.int64, torch.float32, torch.float32)]
     norm = torch.empty(R, 2, device=h.device, dtype=torch.float32)
-    cb = dict(cfg["combine"])
-    row_blocks = triton.cdiv(R, cb["BLOCK_R"])
-    chunks, chunk = _split(row_blocks, V, cb["BLOCK_V"], h.device, None if stash else 1)
-    _combine_kernel[(row_blocks, chunks)](
+    cb = tiles.combine
+    row_blocks = triton.cdiv(R, cb.BLOCK_R)
+    chunks, chunk = split(V, cb.BLOCK_V, row_blocks, h.device, splits=None if stash else 1)
+    launch(
+        _combine_kernel, (row_blocks, chunks),
         part_f, part_i,
         R, V, S, chunk,
         z.stride(0),
         z, *out, norm,
-        BLOCK_S=triton.next_power_of_2(S), STASH=stash, **cb,
+        BLOCK_S=triton.next_power_of_2(S), STASH=stash, **cb._asdict(),
     )  # fmt: skip
-    sk = dict(cfg["soft"])
-    tiles = triton.cdiv(R, sk["BLOCK_M"]) * triton.cdiv(D, sk["BLOCK_N"])
-    S, split_len = _split(tiles, V, sk["BLOCK_K"], h.device, None)
+    sk = tiles.soft
+    soft_tiles = triton.cdiv(R, sk.BLOCK_M) * triton.cdiv(D, sk.BLOCK_N)
+    S, split_len = split(V, sk.BLOCK_K, soft_tiles, h.device)
     part = torch.empty(S, R, D, device=h.device, dtype=torch.float32)
-    _soft_kernel[(triton.cdiv(R, sk["BLOCK_M"]), triton.cdiv(D, sk["BLOCK_N"]), S)](
+    launch(
+        _soft_kernel, (triton.cdiv(R, sk.BLOCK_M), triton.cdiv(D, sk.BLOCK_N), S),
         z, h, weight, temperature, norm,
         R, V, D, C, split_len, cap,
         z.stride(0), h.stride(0), weight.stride(0),
         part,
-        RECOMPUTE=not stash, LOGITS=logits, PRECISION=precision, **sk,
+        RECOMPUTE=not stash, LOGITS=logits, PRECISION=dot_precision, **sk._asdict(),
     )  # fmt: skip
-    rd = dict(cfg["reduce"])
-    _soft_reduce_kernel[(triton.cdiv(R, rd["BLOCK_R"]), triton.cdiv(D, rd["BLOCK_N"]))](
-        part, keep.view(torch.uint8), R, D, C, S, scale, soft.stride(0), soft, **rd
-    )
+    rd = tiles.reduce
+    launch(
+        _soft_reduce_kernel, (triton.cdiv(R, rd.BLOCK_R), triton.cdiv(D, rd.BLOCK_N)),
+        part, keep.view(torch.uint8), R, D, C, S, scale, soft.stride(0), soft, **rd._asdict(),
+    )  # fmt: skip
     return VocabOut(*out, soft)
+
+
+def sm90_launches(shapes: Shapes = REAL) -> list[Launch]:
+    """Every vocabulary-pass launch for one canvas (B = 1) on an H100 in bf16: from hidden states (the model) and
+    from fp32 logits (an exported graph), stashing and recomputing. The launcher called on meta tensors, as
+    runtime/pipeline.py's DeviceLoop calls it."""
+    R, V, D = shapes.canvas_length, shapes.vocab_size, shapes.hidden_size
+    meta = lambda *shape, dtype=torch.bfloat16: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
+    weight, temperature, tick = meta(V, D), meta(1, dtype=torch.float32), meta(1, dtype=torch.int64)
+    with recording() as launches:  # in launch order, each distinct launch once
+        for logits in (False, True):
+            for stash in (True, False):
+                h = meta(R, V, dtype=torch.float32) if logits else meta(R, D)
+                vocab_pass(h, weight, temperature, tick, seed=0, cap=30.0, scale=D**0.5, stash=stash, logits=logits)
+    return named(
+        launches,
+        "vocab.stats hidden stash", "vocab.combine stash", "vocab.soft hidden stash", "vocab.soft_reduce",
+        "vocab.stats hidden recompute", "vocab.combine recompute", "vocab.soft hidden recompute",
+        "vocab.stats logits stash", "vocab.soft logits stash",
+        "vocab.stats logits recompute", "vocab.soft logits recompute",
+    )  # fmt: skip

@@ -1,7 +1,8 @@
 """The benchmark scripts' plumbing, run in their --smoke mode on the CPU (tiny shapes, Triton's interpreter).
 
-The numbers mean nothing here; what is checked is that every op and provider produces a complete results row and
-that the providers' outputs agree (each bench records its max error against an fp32 truth in the row's note).
+The numbers mean nothing here; what is checked is that every op and provider produces a complete results row (op
+named as the kernel module, kernels/<op>.py, or <op>.<launcher> for a part) and that the providers' outputs agree
+(each bench records its max error against an fp32 truth in the row's note).
 """
 
 import csv
@@ -24,28 +25,44 @@ def smoke(script: str, out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_bench_attention_smoke(tmp_path):
+def check_rows(rows: list[dict]) -> None:
+    """Every row complete: provenance, times with p20 <= p50 <= p80, a rate, its ceiling and the percentage."""
     from harness import FIELDS
 
-    rows = smoke("bench_attention.py", tmp_path / "rows.csv")
-    assert rows and all(set(row) == set(FIELDS) and all(row[k] for k in FIELDS if k != "note") for row in rows)
-    ops = {row["op"] for row in rows}
-    assert {"attention-decoder-sliding_attention", "attention-decoder-full_attention"} <= ops
-    assert {"attention-encoder-sliding_attention", "attention-encoder-full_attention"} <= ops
-    assert {"norm_rope-sliding_attention", "norm_rope-full_attention"} <= ops
+    assert rows
     for row in rows:
-        if row["op"].startswith("attention"):
+        assert list(row) == FIELDS and row["date"] and row["commit"] and row["gpu"] == "cpu", row
+        p50, p20, p80 = (float(row[k]) for k in ("p50_ms", "p20_ms", "p80_ms"))
+        assert 0 < p20 <= p50 <= p80, row
+        value, ceiling, pct = (float(row[k]) for k in ("value", "ceiling", "pct_of_ceiling"))
+        assert ceiling > 0 and row["unit"] and row["shape"] and row["dtype"] and row["provider"], row
+        rounding = 0.05 + 5 * (1 + abs(value) / ceiling) / ceiling  # each of the three is rounded to 0.1
+        assert abs(pct - 100 * value / ceiling) <= rounding, row
+
+
+def test_bench_attention_smoke(tmp_path):
+    rows = smoke("bench_attention.py", tmp_path / "rows.csv")
+    check_rows(rows)
+    assert {row["op"] for row in rows} == {"attention", "attention.norm_rope"}
+    cases = {" ".join(row["shape"].split()[:2]) for row in rows if row["op"] == "attention"}
+    assert cases == {
+        f"{mode} {kind}" for mode in ("decoder", "encoder") for kind in ("sliding_attention", "full_attention")
+    }
+    assert {row["shape"].split()[0] for row in rows if row["op"] == "attention.norm_rope"} == {
+        "sliding_attention",
+        "full_attention",
+    }
+    for row in rows:
+        if row["op"] == "attention":
             err = float(re.search(r"max abs err vs fp32 (\S+?);?(\s|$)", row["note"]).group(1))
             assert err < 1e-4, row
     assert {row["provider"] for row in rows} >= {"ours", "reference"}
 
 
 def test_bench_moe_smoke(tmp_path):
-    from harness import FIELDS
-
     rows = smoke("bench_moe.py", tmp_path / "rows.csv")
-    assert rows and all(set(row) == set(FIELDS) and all(row[k] for k in FIELDS if k != "note") for row in rows)
-    assert {row["op"] for row in rows} == {"moe", "moe-route+align"}
+    check_rows(rows)
+    assert {row["op"] for row in rows} == {"moe", "moe.route+align"}
     assert {row["provider"] for row in rows if row["op"] == "moe"} == {"ours", "transformers-grouped_mm", "reference"}
     assert {row["dtype"].split()[0] for row in rows} == {"float32", "float8_e4m3fn"}  # fp32 banks on the CPU, and fp8
     for row in rows:
@@ -72,10 +89,8 @@ def benchmarks_on_path(monkeypatch):
 
 
 def test_bench_vocab_smoke(tmp_path):
-    from harness import FIELDS
-
     rows = smoke("bench_vocab.py", tmp_path / "rows.csv")
-    assert rows and all(set(row) == set(FIELDS) and all(row[k] for k in FIELDS if k != "note") for row in rows)
+    check_rows(rows)
     assert {row["op"] for row in rows} == {"vocab"}
     assert {row["provider"] for row in rows} == {"ours", "ours-recompute", "reference", "torch.compile"}
     for row in rows:  # every provider computes the same entropies and soft embeddings

@@ -15,7 +15,7 @@ import torch
 from dgemma import Pipeline
 from dgemma.kernels import vocab
 from dgemma.kernels.sampler import SamplerState, sampler_step
-from dgemma.kernels.vocab import tile_config, vocab_pass, vocab_ref
+from dgemma.kernels.vocab import CombineTile, ReduceTile, SoftTile, StatsTile, Tiles, vocab_pass, vocab_ref
 from dgemma.model.config import Config
 from dgemma.runtime.sampler import SamplingConfig, entropy, entropy_bound_accept, stable, temperature
 
@@ -169,11 +169,11 @@ def test_gumbel_sample_follows_the_probabilities(device):
     T = torch.full((1,), 0.8, device=device)
     config = None
     if device.type != "cuda":  # few big programs: the interpreter's cost is per program and op
-        config = tile_config(device) | dict(
-            stats=dict(BLOCK_M=256, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1),
-            soft=dict(BLOCK_M=256, BLOCK_N=32, BLOCK_K=64, BLOCK_D=32, num_warps=4, num_stages=1),
-            combine=dict(BLOCK_R=256, BLOCK_V=256),
-            reduce=dict(BLOCK_R=256, BLOCK_N=32),
+        config = Tiles(
+            stats=StatsTile(BLOCK_M=256, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1),
+            combine=CombineTile(BLOCK_R=256, BLOCK_V=256),
+            soft=SoftTile(BLOCK_M=256, BLOCK_N=32, BLOCK_K=64, BLOCK_D=32, num_warps=4, num_stages=1),
+            reduce=ReduceTile(BLOCK_R=256, BLOCK_N=32),
         )
     out = run(h, w, T, seed=1234, tick=0, config=config, splits=1)
     p = truth(h[:1], w, T)[0].softmax(-1)[0, tokens]
