@@ -1,13 +1,13 @@
 """dgemma: a compact, fast reimplementation of Google's DiffusionGemma.
 
-`DiffusionGemma` and `Pipeline` are imported on first use, so the command line's `dgemma --help` and the torch-free
-modules (`dgemma.errors`, `dgemma.model.config`) load without torch.
+`DiffusionGemma`, `load_model` and `Pipeline` are imported on first use, so the command line's `dgemma --help` and
+the torch-free modules (`dgemma.errors`, `dgemma.model.config`) load without torch.
 """
 
 import importlib
 
-__all__ = ["DiffusionGemma", "Pipeline"]
-_HOMES = {"DiffusionGemma": ".model.model", "Pipeline": ".runtime.pipeline"}
+__all__ = ["DiffusionGemma", "Pipeline", "load_model"]
+_HOMES = {"DiffusionGemma": ".model.model", "Pipeline": ".runtime.pipeline", "load_model": ".model.load"}
 
 
 def __getattr__(name: str):

@@ -22,6 +22,7 @@ import onnx
 import torch
 from torch import nn
 
+from ..model.model import Experts
 from .graphs import dense_moe
 
 DOMAIN, MOE, VERSION = "dgemma", "MoE", 1
@@ -37,6 +38,13 @@ def moe_node(x, weights, idx, gate_up_proj, down_proj):
     return torch.onnx.ops.symbolic(
         f"{DOMAIN}::{MOE}", inputs, PLUGIN_ATTRS, dtype=x.dtype, shape=x.shape, version=VERSION
     )
+
+
+class MoENodeExperts(Experts):
+    """The experts as one dgemma::MoE node (graphs.Graph's `experts`)."""
+
+    def forward(self, x, weights, idx):
+        return moe_node(x, weights, idx, self.gate_up_proj, self.down_proj)
 
 
 class _DenseMoE(nn.Module):

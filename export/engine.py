@@ -14,8 +14,9 @@ import shutil
 from pathlib import Path
 
 from ..errors import ExportError
-from . import sidecar
-from .sidecar import EMBEDDING, GRAPHS, PACKAGES, count, resolve
+from ..model import sidecar
+from ..model.sidecar import EMBEDDING, GRAPHS, PACKAGES, count, resolve
+from . import staging
 
 
 def tensorrt():
@@ -91,11 +92,11 @@ def build_engines(onnx_dir, out_dir, *, opt_prompt: int | None = None, opt_batch
     past["opt"] = count(opt_prompt, "opt_prompt (--opt-prompt)", past["min"], past["max"])
     if "past_sliding" in dims:  # sliding layers see W - 1 committed keys from then on
         dims["past_sliding"]["opt"] = dims["past_sliding"]["max"]
-    sidecar.output_folder(out_dir, within=(onnx_dir,))
+    staging.output_folder(out_dir, within=(onnx_dir,))
     sidecar.read_embedding(onnx_dir, meta)  # a damaged table is refused here, not by the runtime
     trt = tensorrt()
     engines, profiles = {}, {}
-    with sidecar.staging(out_dir, within=(onnx_dir,)) as tmp:
+    with staging.staging(out_dir, within=(onnx_dir,)) as tmp:
         for graph in GRAPHS:
             profiles[graph] = profile_shapes(meta["graphs"][graph], dims)
             engines[graph] = f"{graph}.engine"

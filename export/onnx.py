@@ -24,14 +24,15 @@ import torch
 from torch.export import Dim
 
 from ..errors import ExportError
+from ..model import sidecar
 from ..model.cache import WINDOW_MODES
 from ..model.checkpoint import read_config
 from ..model.config import FULL, SLIDING
 from ..model.model import DiffusionGemma
-from . import sidecar
-from .custom_ops import attach, moe_function, moe_node
-from .graphs import OUTPUTS, DecoderGraph, EncoderGraph, dense_moe
-from .sidecar import DTYPES, MAX_BATCH, SHORT, count
+from ..model.sidecar import DTYPES, MAX_BATCH, OUTPUTS, SHORT, count
+from . import staging
+from .custom_ops import MoENodeExperts, attach, moe_function
+from .graphs import DecoderGraph, DenseExperts, EncoderGraph
 from .weights import share_weights
 
 OPSET = 23
@@ -178,11 +179,11 @@ def export_onnx(
         max_prompt = min(4096, positions)
     count(max_prompt, "max_prompt (--max-prompt)", 1, positions)
     count(max_batch, "max_batch (--max-batch)", 1, MAX_BATCH)
-    sidecar.output_folder(out_dir, reading=(model_dir,))
+    staging.output_folder(out_dir, reading=(model_dir,))
     model = load(model_dir, dtype)
-    moe = moe_node if custom_ops else dense_moe
-    with torch.no_grad(), sidecar.staging(out_dir, reading=(model_dir,)) as tmp:
-        graphs = {"decoder": DecoderGraph(model, output, moe), "encoder": EncoderGraph(model, moe)}
+    experts = MoENodeExperts if custom_ops else DenseExperts
+    with torch.no_grad(), staging.staging(out_dir, reading=(model_dir,)) as tmp:
+        graphs = {"decoder": DecoderGraph(model, output, experts), "encoder": EncoderGraph(model, experts)}
         for name, graph in graphs.items():
             trace(graph, tmp / f"{name}.onnx", decoder=name == "decoder")
             separate_masks(tmp / f"{name}.onnx")
@@ -208,7 +209,7 @@ def export_onnx(
                 "graphs": {name: describe(tmp / f"{name}.onnx") for name in graphs},
                 "config": asdict(config),
                 "checkpoint": {"path": str(model_dir.resolve())},  # where it came from, for a reader
-                "versions": sidecar.versions("onnx", "onnxscript"),
+                "versions": staging.versions("onnx", "onnxscript"),
             },
         )
     return Path(out_dir)

@@ -8,7 +8,8 @@ and rewrites encoder.onnx.data with the rest. Tensors are matched by their bytes
 the exporter names folded constants per graph (`val_261` in one need not be `val_261` in the other). The ONNX
 external-data format allows any file and offset per tensor, and ONNX Runtime and the TensorRT parsers read it so.
 
-It also lets a graph name any file: `check_locations` holds a graph to its own folder before anything reads it.
+It also lets a graph name any file: model/sidecar.py's `check_locations` holds a graph to its own folder before
+anything reads it.
 """
 
 from __future__ import annotations
@@ -16,50 +17,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import Message
 from onnx.external_data_helper import uses_external_data
 
 from ..errors import ExportError
+from ..model.sidecar import location
 
 CHUNK = 1 << 26  # bytes read at a time: a real expert bank is 1 GB
-
-
-def location(tensor: onnx.TensorProto) -> tuple[str, int, int]:
-    """(file, offset, length) of an external tensor."""
-    info = {kv.key: kv.value for kv in tensor.external_data}
-    return info["location"], int(info.get("offset", 0)), int(info["length"])
-
-
-def tensors(message: Message):
-    """Every TensorProto in a protobuf message: initializers, attribute and sparse tensors, in subgraphs and functions
-    too (any of them can name external data)."""
-    if isinstance(message, onnx.TensorProto):
-        yield message
-        return
-    for field, value in message.ListFields():
-        if field.message_type is not None:  # a message, or a repeated one
-            for item in [value] if isinstance(value, Message) else value:
-                yield from tensors(item)
-
-
-def check_locations(model: onnx.ModelProto, folder: Path, path: Path) -> None:
-    """Refuses a graph (read from `path` without its data) whose external data is not a byte range of a file directly
-    in `folder`: ONNX Runtime 1.32 refuses an absolute, `..` or symlinked location itself, a TensorRT parser need not,
-    and either would read any file on the machine an edited graph names."""
-    from .sidecar import member
-
-    for tensor in tensors(model):
-        if not uses_external_data(tensor):
-            continue
-        try:
-            file, offset, length = location(tensor)
-        except (KeyError, ValueError) as e:
-            raise ExportError(
-                f"{path}: tensor {tensor.name!r} has no valid external data location, offset and length"
-            ) from e
-        data = member(folder, file, f"the external data of tensor {tensor.name!r}", path)
-        if offset < 0 or length < 0 or offset + length > data.stat().st_size:
-            raise ExportError(f"{path}: tensor {tensor.name!r} reads past the end of {file}")
 
 
 def point(tensor: onnx.TensorProto, file: str, offset: int, length: int) -> None:

@@ -25,13 +25,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError, DgemmaError
-from . import fp8
-from .config import BACKENDS, DTYPES, Config
+from .config import DTYPES, Config
 from .device import resolve_device
-from .model import DiffusionGemma
 
 IGNORED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
-EXPERT_BANKS = ("experts.gate_up_proj", "experts.down_proj")  # what expert_dtype="fp8" quantizes
 LOAD_DTYPES = dict(zip(DTYPES, (torch.bfloat16, torch.float32), strict=True))  # the dtypes a model loads in
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")  # safetensors dtypes a weight may be stored in
 JSON_LIMIT = 64 << 20  # bytes: a config is kB, the real tokenizer.json 30 MB
@@ -119,33 +116,11 @@ def read_generation_config(folder: str | Path) -> dict:
     return raw
 
 
-def load_model(
-    path, *, dtype=torch.bfloat16, device="cpu", window="shared", backend="torch", expert_dtype=None
-) -> DiffusionGemma:
-    """The checkpoint folder `path` as a DiffusionGemma in `dtype` on `device`.
-
-    backend "triton" swaps in the fused kernels' layers (fused.use_kernels). expert_dtype None keeps the expert banks
-    in `dtype`; "fp8" quantizes each bank on `device` as it loads (fp8.quantize), so the full-precision banks never
-    all sit in memory at once."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder} is not a checkpoint folder")
-    if dtype not in LOAD_DTYPES.values():
-        raise DgemmaError(f"dtype must be torch.bfloat16 or torch.float32, not {dtype}")
-    if expert_dtype not in (None, "fp8"):
-        raise DgemmaError(f"expert_dtype must be None or 'fp8', not {expert_dtype!r}")
-    if backend not in BACKENDS:
-        raise DgemmaError(f"backend must be one of {BACKENDS}, not {backend!r}")
-    device = resolve_device(device)
-    if backend == "triton":
-        from ..kernels import require_triton
-
-        require_triton(device)
-    config = read_config(folder)
-    with torch.device("meta"):
-        model = DiffusionGemma(config, window=window)
-    wanted = {checkpoint_name(name): (name, t.shape) for name, t in model.state_dict().items()}
-
+def read_weights(folder: Path, shapes: dict, *, dtype, device, transform=None) -> dict[str, torch.Tensor]:
+    """Our tensor name -> the checkpoint's tensor in `dtype` on `device`, for every name in `shapes` (our name ->
+    shape). Every missing, unexpected, mis-shaped or non-float tensor is refused before one is read; `transform(name,
+    tensor)` may convert each as it loads (fp8 storage quantizes the expert banks one at a time this way)."""
+    wanted = {checkpoint_name(name): (name, tuple(shape)) for name, shape in shapes.items()}
     files = weight_files(folder)
     stored = {name for name in files if not name.startswith(IGNORED_PREFIXES)}
     missing, unexpected = sorted(set(wanted) - stored), sorted(stored - set(wanted))
@@ -157,31 +132,28 @@ def load_model(
     handles = {p: _open(p) for p in sorted(set(files[name] for name in wanted))}
     for name, (_, shape) in wanted.items():
         found = _shape(handles[files[name]], name, files[name])
-        if found != tuple(shape):
+        if found != shape:
             raise CheckpointError(f"{name} is {list(found)} in the checkpoint but config.json implies {list(shape)}")
-
-    state, scales = {}, {}
+    state = {}
     for name, (ours, _) in wanted.items():
         tensor = handles[files[name]].get_tensor(name).to(device=device, dtype=dtype)
-        if expert_dtype == "fp8" and ours.endswith(EXPERT_BANKS):
-            tensor, scales[ours] = fp8.quantize(tensor)
-        state[ours] = tensor
-    model.load_state_dict(state, strict=True, assign=True)
-    if expert_dtype == "fp8":
-        for i, layer in enumerate(model.layers):
-            banks = (scales[f"layers.{i}.{bank}"] for bank in EXPERT_BANKS)
-            fp8.store_fp8(layer.experts, *banks)
-    model = model.to(device).eval()
-    if backend == "triton":
-        from .fused import use_kernels  # imports Triton, which a CPU-only install may not have
-
-        use_kernels(model)
-    return model
+        state[ours] = tensor if transform is None else transform(ours, tensor)
+    return state
 
 
-def save_model(model: DiffusionGemma, path: str | Path, *, dtype: torch.dtype = torch.float32, **config) -> Path:
-    """model.safetensors (in `dtype`) and config.json in the official layout load_model reads; `config` adds top-level
-    config.json entries (eos_token_id, pad_token_id...)."""
+def checkpoint_folder(path, dtype, device) -> tuple[Path, torch.device]:
+    """The folder and device of a load, refused with a clear error before anything is read."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a checkpoint folder")
+    if dtype not in LOAD_DTYPES.values():
+        raise DgemmaError(f"dtype must be torch.bfloat16 or torch.float32, not {dtype}")
+    return folder, resolve_device(device)
+
+
+def save_model(model, path: str | Path, *, dtype: torch.dtype = torch.float32, **config) -> Path:
+    """model.safetensors (in `dtype`) and config.json in the official layout DiffusionGemma.from_pretrained reads;
+    `config` adds top-level config.json entries (eos_token_id, pad_token_id...)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {checkpoint_name(k): v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}

@@ -24,7 +24,7 @@ nothing lasting, and `denoise` adds the tied LM head. A pass, step by step (the 
    Then the final RMSNorm; the logits are E @ h soft-capped at 30 in fp32.
 
 The fused Triton layers (fused.py) and fp8 expert storage (fp8.py) subclass the layers here and are swapped in when a
-checkpoint loads (checkpoint.load_model); the export graphs run these same layers through their own `Pass`.
+checkpoint loads (load.py); the export graphs run these same layers through their own `Pass`.
 
 Legend: B batch, T tokens, C canvas, D hidden, H query heads, Hkv KV heads, d head dim, S cache slots, V vocab,
 E experts, K experts per token.
@@ -38,14 +38,13 @@ from torch import nn
 
 from ..errors import DgemmaError
 from .cache import KVCache
+from .checkpoint import checkpoint_folder, read_config, read_weights
 from .config import SLIDING, WINDOW_MODES, Config
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Gemma-4 RMSNorm in fp32: multiplies by w, not 1 + w; weightless when `weight` is None."""
-    xf = x.float()
-    y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    return (y if weight is None else y * weight.float()).type_as(x)
+    return F.rms_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(), eps).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -113,12 +112,15 @@ class Attention(nn.Module):
         q_raw, k_raw = self.q_proj(x).view(shape), self.k_proj(x).view(shape)
         return q_raw, k_raw, self.v_proj(x).view(shape) if self.v_proj is not None else k_raw
 
+    def key_value(self, k_raw, v_raw, p: Pass):
+        """Step 4 for the keys and values: K normed and rotated, V's weightless norm, (B, T, Hkv, d)."""
+        return p.rotate(self.kind, self.k_norm(k_raw)), rms_norm(v_raw, None, self.eps)
+
     def forward(self, x, p: Pass):
         B, T, _ = x.shape
         q_raw, k_raw, v_raw = self.project(x)  # 2, 3
-        q = p.rotate(self.kind, self.q_norm(q_raw))
-        k = p.rotate(self.kind, self.k_norm(k_raw))  # 4
-        v = rms_norm(v_raw, None, self.eps)
+        q = p.rotate(self.kind, self.q_norm(q_raw))  # 4
+        k, v = self.key_value(k_raw, v_raw, p)
         o = p.attend(self.layer, self.kind, q, k, v)  # 5-8: (B, T, H, d)
         return self.o_proj(o.reshape(B, T, -1))  # 9
 
@@ -255,7 +257,7 @@ class SelfConditioning(GatedMLP):
 
 class DiffusionGemma(nn.Module):
     decoder_output = "hidden"  # what `decode` returns: the final hidden states, for the fused vocabulary pass
-    backend = "torch"  # "triton" once fused.use_kernels has swapped in the kernel-backed layers
+    backend = "torch"  # "triton" once fused.use_kernels has swapped in the kernel-backed layers (a label)
     device_loop = False  # whether the sync-free DeviceLoop suits this model: true for the kernel-backed layers
 
     def __init__(self, config: Config, window: str = "shared"):
@@ -271,14 +273,17 @@ class DiffusionGemma(nn.Module):
             self.register_buffer(f"inv_freq_{kind}", rope_inv_freq(config, kind), persistent=False)
 
     @classmethod
-    def from_pretrained(
-        cls, path, *, dtype=torch.bfloat16, device="cpu", backend="torch", window="shared", expert_dtype=None
-    ):
-        """Loads an official checkpoint folder unchanged (see checkpoint.py). backend="triton" swaps in the fused
-        kernels' layers; expert_dtype="fp8" stores the expert banks in float8_e4m3fn with per-output-channel scales."""
-        from .checkpoint import load_model
-
-        return load_model(path, dtype=dtype, device=device, window=window, backend=backend, expert_dtype=expert_dtype)
+    def from_pretrained(cls, path, *, dtype=torch.bfloat16, device="cpu", window="shared", transform=None):
+        """An official checkpoint folder, unchanged (checkpoint.py), built on the meta device and loaded memory-mapped;
+        `transform(name, tensor)` may convert each weight as it loads. load.py's `load_model` adds the fused layers
+        and fp8 expert storage."""
+        folder, device = checkpoint_folder(path, dtype, device)
+        with torch.device("meta"):
+            model = cls(read_config(folder), window=window)
+        shapes = {name: t.shape for name, t in model.state_dict().items()}
+        state = read_weights(folder, shapes, dtype=dtype, device=device, transform=transform)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.to(device).eval()
 
     @property
     def dtype(self):
@@ -389,6 +394,6 @@ def check_ids(ids, vocab_size: int, cache: KVCache, what: str) -> None:
         raise DgemmaError(f"{what} must be an integer tensor (batch, tokens), not {found}")
     if ids.shape[0] != cache.batch or ids.shape[1] == 0:
         raise DgemmaError(f"{what} {tuple(ids.shape)} must hold {cache.batch} row(s) (the cache's batch) of tokens")
-    low, high = ids.aminmax()
+    low, high = torch.stack(ids.aminmax()).tolist()
     if low < 0 or high >= vocab_size:
-        raise DgemmaError(f"{what} holds token ids outside [0, {vocab_size}): {low.item()} to {high.item()}")
+        raise DgemmaError(f"{what} holds token ids outside the vocabulary [0, {vocab_size}): {low} to {high}")

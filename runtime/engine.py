@@ -31,22 +31,16 @@ import torch
 from torch import nn
 
 from ..errors import DgemmaError, ExportError
-from ..export import sidecar
-from ..export.sidecar import GRAPHS, PACKAGES, SHORT
-from ..model.cache import WINDOW_MODES, KVCache
-from ..model.config import FULL
+from ..model import sidecar
+from ..model.cache import KVCache
+from ..model.config import ENGINE_BACKENDS, WINDOW_MODES
 from ..model.device import resolve_device
-from ..model.model import DiffusionGemma
-
-ENGINE_BACKENDS = ("onnxruntime", "tensorrt")
+from ..model.model import check_ids, soft_capped_logits, soft_embedding
+from ..model.sidecar import GRAPHS, PACKAGES
 
 
 class EngineModel:
-    """The DiffusionGemma interface generate_ids uses, over a runner of the exported decoder and encoder graphs."""
-
-    # the same torch code on the export's embedding table (and the cache the model's own)
-    soft_embedding, logits = DiffusionGemma.soft_embedding, DiffusionGemma.logits
-    dtype, device, new_cache = DiffusionGemma.dtype, DiffusionGemma.device, DiffusionGemma.new_cache
+    """The generation loop's model (runtime/interface.py) over a runner of the exported decoder and encoder graphs."""
 
     def __init__(self, runner, meta: dict, embedding: torch.Tensor, window: str, backend: str):
         self.runner, self.meta, self.window, self.backend = runner, meta, window, backend
@@ -56,53 +50,32 @@ class EngineModel:
         self.inputs = {graph: {e["name"] for e in meta["graphs"][graph]["inputs"]} for graph in GRAPHS}
         self._prefix = None  # (cache, committed length, decoder feeds that hold for every step of a canvas)
 
-    def prefix_feeds(self, graph: str, cache: KVCache, chunk_valid: torch.Tensor, causal: bool) -> dict:
-        """Masks (B, 1, T, P + T), positions (T,) and past K/V (B, Hkv, P, d) for a chunk at cache.length."""
-        n, (B, T), W = cache.length, chunk_valid.shape, self.config.sliding_window
-        q = torch.arange(n, n + T, device=self.device)[:, None]
-        feeds, slots = {"positions": q[:, 0]}, {}
-        for kind in sorted(set(self.config.layer_types)):
-            P = n if kind == FULL else min(n, W - 1)
-            positions = torch.arange(n - P, n, device=self.device)
-            slots[kind] = positions % cache.slots_of[kind]
-            valid = cache.valid[kind][:, slots[kind]]
-            if P == 0:  # nothing committed yet: one masked slot, so no graph input is ever empty
-                positions, valid = positions.new_full((1,), -1), valid.new_zeros(B, 1)
-            keys, key_valid = torch.cat([positions, q[:, 0]]), torch.cat([valid, chunk_valid], dim=1)
-            a, lo, b, hi = cache.band(kind, causal)
-            seen = (keys >= a * q + lo) & (keys <= b * q + hi) & key_valid[:, None, :]  # (B, T, P + T)
-            # A padding query sees itself, so no row is all masked: engines differ there (ONNX Runtime returns zeros,
-            # model.py a uniform average, a -inf softmax NaN). Its output is never read: its keys stay masked.
-            if f"mask_{SHORT[kind]}" in self.inputs[graph]:  # an encoder whose attending layers are all one type
-                feeds[f"mask_{SHORT[kind]}"] = (seen | (keys == q))[:, None]
-        for i, kind in enumerate(self.config.layer_types):
-            if f"past_key_{i}" not in self.inputs[graph]:  # the encoder's last layer takes no prefix
-                continue
-            for name, ring in (("key", cache.k[i]), ("value", cache.v[i])):
-                empty = ring.new_zeros(*ring.shape[:2], 1, ring.shape[3])  # the masked slot
-                feeds[f"past_{name}_{i}"] = ring[:, :, slots[kind]] if len(slots[kind]) else empty
-        return feeds
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
 
-    def check_ids(self, ids, cache: KVCache, what: str, length: int | None = None) -> torch.Tensor:
-        """Caller's token ids (B, T) as int64, refused unless an integer tensor of the cache's batch (and `length`
-        long), every id in the vocabulary: one host sync."""
-        V = self.config.vocab_size
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            found = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise DgemmaError(f"{what} must be an integer tensor (batch, tokens), not {found}")
-        if ids.shape[0] != cache.batch or ids.shape[1] == 0 or (length is not None and ids.shape[1] != length):
-            want = "tokens" if length is None else f"{length} tokens"
-            raise DgemmaError(f"{what} {tuple(ids.shape)} must hold {cache.batch} row(s) (the cache's batch) of {want}")
-        low, high = torch.stack(ids.aminmax()).tolist()
-        if low < 0 or high >= V:
-            raise DgemmaError(f"{what} holds token ids outside the vocabulary [0, {V}): {low} to {high}")
-        return ids.long()
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.config, batch, max_len, dtype=self.dtype, device=self.device, window=self.window)
+
+    def soft_embedding(self, logits: torch.Tensor) -> torch.Tensor:
+        return soft_embedding(logits, self.embed_tokens.weight)
+
+    def logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return soft_capped_logits(h, self.embed_tokens.weight, self.config.final_logit_softcapping, out)
+
+    def prefix_feeds(self, graph: str, cache: KVCache, chunk_valid: torch.Tensor, causal: bool) -> dict:
+        return sidecar.prefix_feeds(self.config, self.inputs[graph], cache, chunk_valid, causal)
 
     @torch.no_grad()
     def encode(self, ids, cache: KVCache, attention_mask=None) -> None:
         """Commits `ids` (B, T) chunk by chunk, each right-padded to the graph's static chunk length (causal
         attention keeps the padding invisible); returns None: the graph outputs only K/V."""
-        ids = self.check_ids(ids, cache, "ids")
+        check_ids(ids, self.config.vocab_size, cache, "ids")
+        ids = ids.long()
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
             raise DgemmaError(
                 f"attention_mask {tuple(attention_mask.shape)} must have the ids' shape {tuple(ids.shape)}"
@@ -144,7 +117,11 @@ class EngineModel:
     @torch.no_grad()
     def denoise(self, canvas_ids, cache: KVCache, self_conditioning=None):
         """As DiffusionGemma.denoise -> fp32 soft-capped logits (B, C, V)."""
-        canvas_ids = self.check_ids(canvas_ids, cache, "canvas_ids", self.config.canvas_length)
+        check_ids(canvas_ids, self.config.vocab_size, cache, "canvas_ids")
+        if canvas_ids.shape[1] != self.config.canvas_length:  # the decoder graph's canvas is static
+            shape, C = tuple(canvas_ids.shape), self.config.canvas_length
+            raise DgemmaError(f"canvas_ids {shape} must hold {cache.batch} row(s) (the cache's batch) of {C} tokens")
+        canvas_ids = canvas_ids.long()
         soft = None if self_conditioning is None else self.soft_embedding(self_conditioning)
         out = self.decode(canvas_ids, cache, soft)
         return out if self.decoder_output == "logits" else self.logits(out)

@@ -20,9 +20,11 @@ import torch
 from ..errors import CheckpointError, DgemmaError
 from ..model.checkpoint import read_generation_config
 from ..model.config import BACKENDS, ENGINE_BACKENDS, is_int
-from ..model.model import DiffusionGemma, check_ids, expected_embedding
+from ..model.load import load_model
+from ..model.model import check_ids, expected_embedding
 from ..model.tokenizer import Tokenizer
 from .engine import load as load_engine
+from .interface import Model
 from .sampler import (
     FastScores,
     SamplingConfig,
@@ -65,7 +67,7 @@ class Stats:
 
 @torch.no_grad()
 def generate_ids(
-    model: DiffusionGemma,
+    model: Model,
     prompt: torch.Tensor,
     cfg: SamplingConfig,
     *,
@@ -219,7 +221,7 @@ class DeviceLoop:
     gates the statistics and the random-number tick on that flag, so the results do not depend on the timing.
     """
 
-    def __init__(self, model: DiffusionGemma, batch: int, cfg: SamplingConfig, seed: int):
+    def __init__(self, model: Model, batch: int, cfg: SamplingConfig, seed: int):
         from ..kernels.sampler import SamplerState
 
         self.model, self.cfg, self.seed = model, cfg, seed
@@ -306,7 +308,7 @@ class Generation:
 class Pipeline:
     """Tokenizer + model + the checkpoint's generation defaults: `Pipeline.from_pretrained(path).generate(prompt)`."""
 
-    def __init__(self, model: DiffusionGemma, tokenizer: Tokenizer | None = None, generation: dict | None = None):
+    def __init__(self, model: Model, tokenizer: Tokenizer | None = None, generation: dict | None = None):
         self.model, self.tokenizer, self.generation = model, tokenizer, generation or {}
 
     @classmethod
@@ -327,7 +329,7 @@ class Pipeline:
         if backend in ENGINE_BACKENDS:
             model = load_engine(path, engine, backend=backend, device=device, window=window)
         else:
-            model = DiffusionGemma.from_pretrained(path, dtype=dtype, device=device, backend=backend, window=window)
+            model = load_model(path, dtype=dtype, device=device, backend=backend, window=window)
         tokenizer = Tokenizer.from_pretrained(path) if (Path(path) / "tokenizer.json").exists() else None
         return cls(model, tokenizer, generation)
 

@@ -8,7 +8,6 @@ from the fp32 truth as PyTorch's own attention in that dtype (accuracy.assert_wi
 
 import pytest
 import torch
-from accuracy import assert_within_torch_error
 
 from dgemma.kernels.attention import attention, norm_rope
 from dgemma.model.config import FULL, SLIDING
@@ -16,6 +15,7 @@ from dgemma.model.load import load_model
 from dgemma.model.model import apply_rope, rms_norm, rope_inv_freq
 from dgemma.model.model import attention as attention_ref
 
+from accuracy import assert_within_torch_error
 from oracle import CONFIGS, build_checkpoint
 
 

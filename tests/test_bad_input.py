@@ -181,7 +181,7 @@ def test_generate_ids_checks_before_allocating(pipe):
 def test_direct_model_calls(pipe):
     model = pipe.model
     cache = model.new_cache(2, 32)
-    with pytest.raises(DgemmaError, match=r"ids holds token ids outside \[0, 256\)"):
+    with pytest.raises(DgemmaError, match=r"ids holds token ids outside the vocabulary \[0, 256\)"):
         model.encode(torch.tensor([[1, 2], [3, 256]]), cache)
     with pytest.raises(DgemmaError, match="2 row"):
         model.encode(torch.ones(1, 3, dtype=torch.long), cache)  # a cache of another batch

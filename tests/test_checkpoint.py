@@ -17,6 +17,7 @@ from transformers import DiffusionGemmaConfig, DiffusionGemmaTextConfig
 
 from dgemma.model.checkpoint import CheckpointError, checkpoint_name, read_config, read_generation_config
 from dgemma.model.config import FULL, SLIDING, Config
+from dgemma.model.load import load_model
 from dgemma.model.model import DiffusionGemma, rope_inv_freq
 
 from oracle import VISION, build_checkpoint
@@ -34,7 +35,7 @@ def fails(folder, match, error=CheckpointError, **kwargs):
     """Loading `folder` raises `error` matching `match` and changes nothing on disk."""
     before = snapshot(folder)
     with pytest.raises(error, match=match):
-        DiffusionGemma.from_pretrained(folder, device="cpu", **kwargs)
+        load_model(folder, device="cpu", **kwargs)
     assert snapshot(folder) == before
 
 
@@ -85,7 +86,7 @@ def edit_config(folder, **text_fields):
 def test_every_tensor_equals_transformers(single, dtype):
     folder, hf = single
     before = snapshot(folder)
-    model = DiffusionGemma.from_pretrained(folder, dtype=dtype, device="cpu")
+    model = load_model(folder, dtype=dtype, device="cpu")
     theirs = hf.state_dict()
     ours = model.state_dict()
     assert len(ours) == 96  # architecture.md 4.3: the tiny checkpoint's non-vision tensors
@@ -97,7 +98,7 @@ def test_every_tensor_equals_transformers(single, dtype):
 
 def test_spot_checks_and_both_scalar_sets(single):
     folder, hf = single
-    model = DiffusionGemma.from_pretrained(folder, dtype=torch.float32, device="cpu")
+    model = load_model(folder, dtype=torch.float32, device="cpu")
     theirs = hf.state_dict()
     pairs = {
         model.embed_tokens.weight: "model.decoder.embed_tokens.weight",
@@ -120,7 +121,7 @@ def test_spot_checks_and_both_scalar_sets(single):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # both load paths assign every tensor
 def test_no_meta_tensors_left(single, dtype):
-    model = DiffusionGemma.from_pretrained(single[0], dtype=dtype, device="cpu")
+    model = load_model(single[0], dtype=dtype, device="cpu")
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     assert len(tensors) == 96 + 2  # persistent tensors + one non-persistent rope buffer per layer type
     for name, t in tensors.items():
@@ -136,8 +137,8 @@ def test_sharded_equals_single(single, sharded):
     shards = [f for f in files if f.startswith("model-") and f.endswith(".safetensors")]
     assert len(shards) > 3 and INDEX in files and SINGLE not in files
     before = snapshot(sharded)
-    a = DiffusionGemma.from_pretrained(single[0], dtype=torch.float32, device="cpu").state_dict()
-    b = DiffusionGemma.from_pretrained(sharded, dtype=torch.float32, device="cpu").state_dict()
+    a = load_model(single[0], dtype=torch.float32, device="cpu").state_dict()
+    b = load_model(sharded, dtype=torch.float32, device="cpu").state_dict()
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
@@ -149,13 +150,13 @@ def test_vision_tensors_are_ignored(single):
     stored = load_file(folder / SINGLE).keys()
     vision = {k for k in stored if k.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision."))}
     assert len(stored) == 112 and len(vision) == 16  # architecture.md 4.3: 112 tensors, 96 of them text
-    model = DiffusionGemma.from_pretrained(folder, dtype=torch.float32, device="cpu")
+    model = load_model(folder, dtype=torch.float32, device="cpu")
     assert {checkpoint_name(n) for n in model.state_dict()} == set(stored) - vision
 
 
 def test_editing_a_loaded_model_never_writes_the_checkpoint(single_copy):
     before = snapshot(single_copy)
-    model = DiffusionGemma.from_pretrained(single_copy, dtype=torch.float32, device="cpu")  # fp32: may share mmap
+    model = load_model(single_copy, dtype=torch.float32, device="cpu")  # fp32: may share mmap
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
@@ -278,7 +279,7 @@ def test_missing_config(single_copy):
 def test_path_is_not_a_folder(single, tmp_path, what):
     path = single[0] / SINGLE if what == "file" else tmp_path / "nowhere"
     with pytest.raises(CheckpointError, match="is not a checkpoint folder"):
-        DiffusionGemma.from_pretrained(path, device="cpu")
+        load_model(path, device="cpu")
 
 
 def test_no_weights_file(single_copy):

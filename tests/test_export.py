@@ -24,14 +24,15 @@ from safetensors.torch import save_file
 from dgemma import DiffusionGemma, Pipeline
 from dgemma.cli import main
 from dgemma.errors import DgemmaError, ExportError
-from dgemma.export import sidecar
+from dgemma.export import staging
 from dgemma.export.engine import build_engines, profile_shapes
 from dgemma.export.onnx import export_onnx
-from dgemma.export.sidecar import GRAPHS, SHORT
 from dgemma.export.weights import location, share_weights
+from dgemma.model import sidecar
 from dgemma.model.cache import WINDOW_MODES
 from dgemma.model.checkpoint import CheckpointError, read_config
 from dgemma.model.config import FULL, SLIDING, Config
+from dgemma.model.sidecar import GRAPHS, SHORT
 from dgemma.runtime.engine import load
 
 from oracle import CONFIGS, build_checkpoint
@@ -609,7 +610,7 @@ def test_bad_input_leaves_no_output(tiny_checkpoint, fp32, tmp_path, monkeypatch
     def denied(*args, **kwargs):  # as mkdtemp in a folder this user cannot write (root can write anywhere)
         raise PermissionError(13, "Permission denied", str(out.parent))
 
-    monkeypatch.setattr("dgemma.export.sidecar.tempfile.mkdtemp", denied)
+    monkeypatch.setattr("dgemma.export.staging.tempfile.mkdtemp", denied)
     with pytest.raises(ExportError, match="cannot write .*new/out: Permission denied"):
         export_onnx(tiny_checkpoint, out)
     monkeypatch.undo()
@@ -669,11 +670,11 @@ def test_staging_removes_what_killed_runs_left(tmp_path):
         folder.mkdir()
         (folder / "decoder.onnx").write_text("")
     with pytest.raises(SystemExit):
-        with sidecar.staging(out) as tmp:
+        with staging.staging(out) as tmp:
             (tmp / "half").write_text("")
             raise SystemExit(143)
     assert sorted(tmp_path.iterdir()) == sorted(left[1:])
-    with sidecar.staging(out) as tmp:
+    with staging.staging(out) as tmp:
         (tmp / "whole").write_text("")
     assert sorted(tmp_path.iterdir()) == sorted([out, *left[1:]]) and [p.name for p in out.iterdir()] == ["whole"]
 

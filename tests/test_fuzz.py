@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from dgemma.errors import DgemmaError
-from dgemma.model.checkpoint import load_model, read_config, read_generation_config, weight_files
+from dgemma.model.checkpoint import read_config, read_generation_config, weight_files
 from dgemma.model.config import Config
+from dgemma.model.load import load_model
 from dgemma.model.tokenizer import Tokenizer, format_chat
 from dgemma.runtime.sampler import SamplingConfig
 from dgemma.sudoku import board as sudoku

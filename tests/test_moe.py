@@ -9,7 +9,6 @@ at most twice as far from the fp32 truth as PyTorch's own MoE in that dtype (acc
 
 import pytest
 import torch
-from accuracy import assert_within_torch_error
 
 from dgemma.kernels.moe import align, moe, route
 from dgemma.model import fp8
@@ -18,6 +17,7 @@ from dgemma.model.load import load_model
 from dgemma.model.model import Router
 from dgemma.model.model import moe as moe_ref
 
+from accuracy import assert_within_torch_error
 from oracle import CONFIGS, build_checkpoint
 
 FP8 = torch.float8_e4m3fn

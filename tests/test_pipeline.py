@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dgemma import DiffusionGemma, Pipeline
+from dgemma import Pipeline
 from dgemma.cli import main
+from dgemma.model.load import load_model
 from dgemma.runtime.sampler import SamplingConfig, SeededDraws
 
 
@@ -95,7 +96,7 @@ def test_bad_prompts_are_refused(pipe, prompt, error):
 
 
 def test_model_api(tiny_checkpoint):
-    model = DiffusionGemma.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    model = load_model(tiny_checkpoint, dtype=torch.float32)
     cache = model.new_cache(2, 32)
     h = model.encode(torch.randint(3, 256, (2, 11)), cache)
     assert h.shape == (2, 11, 64) and cache.length == 11
@@ -103,7 +104,7 @@ def test_model_api(tiny_checkpoint):
     assert logits.shape == (2, 8, 256) and logits.dtype == torch.float32 and logits.abs().max() <= 30
     assert cache.length == 11
     with pytest.raises(ValueError, match="backend"):
-        DiffusionGemma.from_pretrained(tiny_checkpoint, backend="cuda-magic")
+        load_model(tiny_checkpoint, backend="cuda-magic")
     with pytest.raises(ValueError, match="full"):
         model.encode(torch.randint(3, 256, (2, 30)), cache)
 

@@ -9,12 +9,13 @@ Legend: B batch rows, C canvas positions, V vocabulary, D hidden, N max denoisin
 
 import pytest
 import torch
-from accuracy import assert_argmax
 
 from dgemma import Pipeline
 from dgemma.kernels import vocab
 from dgemma.kernels.sampler import SamplerState, sampler_step
 from dgemma.runtime.sampler import SamplingConfig, entropy, entropy_bound_accept, stable, temperature
+
+from accuracy import assert_argmax
 
 
 def sampler_scenario(s, device, B=4, C=37, V=50, N=6, step=2):

@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 
 from dgemma import DiffusionGemma
-from dgemma.model.checkpoint import load_model
 from dgemma.model.config import FULL, SLIDING, Config
+from dgemma.model.load import load_model
 from dgemma.sudoku import board
 from dgemma.sudoku.train import Puzzles, SudokuRecipe
 from dgemma.training.objective import corrupt, losses

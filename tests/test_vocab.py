@@ -11,10 +11,11 @@ Legend: R rows (B batch rows of C positions), V vocabulary, D hidden.
 
 import pytest
 import torch
-from accuracy import assert_argmax, assert_within_torch_error
 
 from dgemma.kernels.vocab import CombineTile, ReduceTile, SoftTile, StatsTile, Tiles, vocab_pass, vocab_ref
 from dgemma.runtime.sampler import SamplingConfig, entropy, temperature
+
+from accuracy import assert_argmax, assert_within_torch_error
 
 CAP = 30.0
 

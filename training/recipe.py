@@ -91,6 +91,6 @@ class Recipe(ABC):
         """The training data: called once per run, before anything is written, so it may check its knobs here."""
 
     def save_checkpoint(self, model: DiffusionGemma, folder: str | Path) -> Path:
-        """A checkpoint folder load_model reads: config.json and model.safetensors. A task adds what its checkpoints
-        carry beside the weights (special token ids, generation_config.json, tokenizer.json)."""
+        """A checkpoint folder DiffusionGemma.from_pretrained reads: config.json and model.safetensors. A task adds
+        what its checkpoints carry beside the weights (special token ids, generation_config.json, tokenizer.json)."""
         return save_model(model, folder)

@@ -1,9 +1,9 @@
 """The trainer: the loop, AdamW with warmup and a cosine schedule, weight init, and runs saved and resumed exactly.
 
 It trains whatever a Recipe describes (recipe.py): the task gives the model's config, the batches and the files a
-checkpoint holds beside the weights; the loss is objective.py's. A run folder is a checkpoint in the Hugging Face
-layout load_model reads, plus the trainer state (step, optimizer and random states), so `resume` continues a run
-exactly where it stopped. The trainer state is trainer_state.safetensors (the optimizer's tensors and the torch
+checkpoint holds beside the weights; the loss is objective.py's. A run folder is a checkpoint in the Hugging Face layout
+DiffusionGemma.from_pretrained reads, plus the trainer state (step, optimizer and random states), so `resume` continues
+a run exactly where it stopped. The trainer state is trainer_state.safetensors (the optimizer's tensors and the torch
 generator's state) and trainer_state.json (the recipe, the step, the data RNG's state and the optimizer's
 hyperparameters): no pickle, so resuming from a folder someone else wrote cannot run code, and every field is checked
 before it is used.
@@ -28,7 +28,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import DgemmaError
-from ..model.checkpoint import load_model
 from ..model.device import resolve_device
 from ..model.model import DiffusionGemma
 from .objective import losses, total
@@ -206,7 +205,7 @@ def resume_run(folder: Path, kind: type[Recipe], steps: int, device: torch.devic
     if steps <= step:
         raise DgemmaError(f"steps {steps}: the run in {folder} is at step {step} already; ask for more steps")
     recipe = dataclasses.replace(recipe, steps=steps)
-    model = load_model(folder, dtype=torch.float32, device=device)
+    model = DiffusionGemma.from_pretrained(folder, dtype=torch.float32, device=device)
     if model.config != recipe.model_config():
         raise DgemmaError(f"{folder}: the model's config.json does not match the recipe in {path}")
     optimizer = make_optimizer(model, recipe)

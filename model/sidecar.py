@@ -16,30 +16,24 @@ the very table the graphs were traced with, and `check_checkpoint` compares it w
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
-import shutil
-import signal
-import tempfile
-import threading
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError, ExportError
-from ..model.cache import WINDOW_MODES
-from ..model.checkpoint import checkpoint_name, read_config, weight_files
-from ..model.config import FULL, SLIDING, Config
-from .graphs import OUTPUTS
+from .cache import KVCache
+from .checkpoint import checkpoint_name, read_config, weight_files
+from .config import FULL, SLIDING, WINDOW_MODES, Config, is_int
 
 NAME = "dgemma.json"
 EMBEDDING, EMBEDDING_KEY = "embedding.safetensors", "embed_tokens.weight"
 FORMAT = 2  # bumped when the schema changes incompatibly
 KINDS = ("onnx", "engine")
 GRAPHS = ("decoder", "encoder")
+OUTPUTS = ("logits", "hidden")  # what the decoder graph returns: soft-capped fp32 logits, or the final hidden states
 PACKAGES = ("tensorrt", "tensorrt_rtx")  # the TensorRT modules that build engines, in order of preference
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SHORT = {FULL: "full", SLIDING: "sliding"}  # layer type -> the suffix of its mask input and prefix dimension
@@ -48,11 +42,6 @@ MAX_BATCH = 1024
 # onnx.TensorProto element types -> the sidecar's dtype names (other types never appear in an export's inputs)
 ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 9: "bool"}
 ROWS = 1 << 13  # embedding rows compared at a time: 92 MB in fp32 at the real width
-
-
-def is_int(value) -> bool:
-    """An int that is not a bool (JSON's true would otherwise pass as 1)."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def count(value, name: str, lo: int, hi: int) -> int:
@@ -191,6 +180,37 @@ def validate(meta, folder: Path, path: Path) -> None:
             member(folder, graphs[graph]["file"], f"graphs.{graph}.file", path)
 
 
+def prefix_feeds(config: Config, inputs: set[str], cache: KVCache, chunk_valid: torch.Tensor, causal: bool) -> dict:
+    """A graph's inputs besides its tokens for a chunk at the cache's committed length: positions (T,), a boolean mask
+    (B, 1, T, P + T) per layer type over the committed keys and the chunk, and each layer's past K/V (B, Hkv, P, d)
+    in position order, gathered from the cache's rings. `inputs` are the graph's input names; chunk_valid (B, T)."""
+    n, (B, T), W = cache.length, chunk_valid.shape, config.sliding_window
+    device = chunk_valid.device
+    q = torch.arange(n, n + T, device=device)[:, None]
+    feeds, slots = {"positions": q[:, 0]}, {}
+    for kind in sorted(set(config.layer_types)):
+        P = n if kind == FULL else min(n, W - 1)
+        positions = torch.arange(n - P, n, device=device)
+        slots[kind] = positions % cache.slots_of[kind]
+        valid = cache.valid[kind][:, slots[kind]]
+        if P == 0:  # nothing committed yet: one masked slot, so no graph input is ever empty
+            positions, valid = positions.new_full((1,), -1), valid.new_zeros(B, 1)
+        keys, key_valid = torch.cat([positions, q[:, 0]]), torch.cat([valid, chunk_valid], dim=1)
+        a, lo, b, hi = cache.band(kind, causal)
+        seen = (keys >= a * q + lo) & (keys <= b * q + hi) & key_valid[:, None, :]  # (B, T, P + T)
+        # A padding query sees itself, so no row is all masked: engines differ there (ONNX Runtime returns zeros,
+        # model.py a uniform average, a -inf softmax NaN). Its output is never read: its keys stay masked.
+        if f"mask_{SHORT[kind]}" in inputs:  # an encoder whose attending layers are all one type has one mask
+            feeds[f"mask_{SHORT[kind]}"] = (seen | (keys == q))[:, None]
+    for i, kind in enumerate(config.layer_types):
+        if f"past_key_{i}" not in inputs:  # the encoder's last layer takes no prefix
+            continue
+        for name, ring in (("key", cache.k[i]), ("value", cache.v[i])):
+            empty = ring.new_zeros(*ring.shape[:2], 1, ring.shape[3])  # the masked slot
+            feeds[f"past_{name}_{i}"] = ring[:, :, slots[kind]] if len(slots[kind]) else empty
+    return feeds
+
+
 def resolvable(dim: str, dims: dict) -> bool:
     try:
         resolve(dim, dict.fromkeys(dims, 1))
@@ -224,8 +244,6 @@ def check_graph(folder: Path, meta: dict, graph: str, where: Path) -> None:
     and it has the inputs and outputs the sidecar at `where` describes."""
     import onnx
     from google.protobuf.message import DecodeError
-
-    from .weights import check_locations
 
     path = folder / meta["graphs"][graph]["file"]
     try:
@@ -308,113 +326,42 @@ def check_checkpoint(meta: dict, embedding: torch.Tensor, checkpoint) -> None:
         )
 
 
-def versions(*modules: str) -> dict[str, str]:
-    from importlib.metadata import version
-
-    return {"dgemma": version("dgemma"), "torch": torch.__version__} | {m: version(m) for m in modules}
-
-
-def output_folder(out, *, reading=(), within=()) -> Path:
-    """`out` as a Path, refused with an ExportError naming it unless a new folder can be written there: not a path,
-    empty, an existing file or non-empty folder, a folder the export reads (`reading`) or one inside an export it
-    reads (`within`), below a file, or in a folder this user cannot write. Checked before any work starts."""
-    if not isinstance(out, (str, os.PathLike)) or not isinstance(os.fspath(out), str):
-        raise ExportError(f"the output folder must be a path, not {out!r}")
-    if not os.fspath(out):
-        raise ExportError("the output folder is an empty path: name a new folder (--out)")
-    path = Path(out)
-    resolved = path.resolve()
-    for source in reading:
-        if resolved == Path(source).resolve():
-            raise ExportError(f"{out} is the folder the export reads: choose another --out")
-    for source in within:
-        if resolved == Path(source).resolve() or Path(source).resolve() in resolved.parents:
-            raise ExportError(f"{out} is inside {source}, which the export reads: choose another --out")
-    try:
-        taken = path.exists() and (not path.is_dir() or any(path.iterdir()))
-    except OSError as e:
-        raise ExportError(f"cannot use {out} as the output folder: {e.strerror}") from e
-    if taken:
-        raise ExportError(f"{out} already exists and is not empty: remove it or choose another --out")
-    ancestor = next(p for p in resolved.parents if p.exists())
-    if not ancestor.is_dir():
-        raise ExportError(f"cannot write {out}: {ancestor} is a file, not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write {out}: {ancestor} is not writable")
-    return path
+def location(tensor) -> tuple[str, int, int]:
+    """(file, offset, length) of an external tensor."""
+    info = {kv.key: kv.value for kv in tensor.external_data}
+    return info["location"], int(info.get("offset", 0)), int(info["length"])
 
 
-def running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+def tensors(message):
+    """Every TensorProto in a protobuf message: initializers, attribute and sparse tensors, in subgraphs and functions
+    too (any of them can name external data)."""
+    import onnx
+    from google.protobuf.message import Message
 
-
-def sweep(out: Path) -> None:
-    """Removes the staging folders beside `out` of runs killed before their cleanup could run (SIGKILL, a power
-    cut): those whose pid, in their name, no longer runs."""
-    stale = re.compile(rf"\.{re.escape(out.name)}\.(\d+)\.\w+")  # staging's prefix, then mkdtemp's suffix
-    for path in out.parent.iterdir():
-        match = stale.fullmatch(path.name)
-        if match and int(match[1]) > 0 and not running(int(match[1])) and not path.is_symlink() and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def sigterm_exits():
-    """While the block runs, SIGTERM raises SystemExit(143) (the status a shell reports for it), as SIGINT raises
-    KeyboardInterrupt: the cleanup of `staging` then runs before the process ends. Only the main thread can set
-    handlers, and a handler someone else installed (or SIG_IGN) is theirs to keep."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield
+    if isinstance(message, onnx.TensorProto):
+        yield message
         return
-
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for field, value in message.ListFields():
+        if field.message_type is not None:  # a message, or a repeated one
+            for item in [value] if isinstance(value, Message) else value:
+                yield from tensors(item)
 
 
-@contextlib.contextmanager
-def staging(out, **sources):
-    """Yields a temporary folder beside `out` that becomes `out` only if the block succeeds, so a failed or
-    interrupted (SIGINT, SIGTERM) export leaves no half-written folder, nor the parents it created. `out` is checked
-    by output_folder (`sources` are its keywords); an existing empty folder is replaced. The temporary folder is
-    named `.{out name}.{pid}.{random}`, so that a run killed outright leaves one that the next run on `out` removes."""
-    out = output_folder(out, **sources)
-    created = [p for p in reversed(out.absolute().parents) if not p.exists()]
-    tmp = None
-    with sigterm_exits():
+def check_locations(model, folder: Path, path: Path) -> None:
+    """Refuses a graph (read from `path` without its data) whose external data is not a byte range of a file directly
+    in `folder`: ONNX Runtime 1.32 refuses an absolute, `..` or symlinked location itself, a TensorRT parser need not,
+    and either would read any file on the machine an edited graph names."""
+    from onnx.external_data_helper import uses_external_data
+
+    for tensor in tensors(model):
+        if not uses_external_data(tensor):
+            continue
         try:
-            try:
-                for parent in created:
-                    parent.mkdir()
-                sweep(out)
-                tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", dir=out.parent))
-                umask = os.umask(0)
-                os.umask(umask)
-                tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
-            except OSError as e:
-                raise ExportError(f"cannot write {out}: {e.strerror} ({e.filename})") from e
-            yield tmp
-            try:
-                if out.exists():
-                    out.rmdir()
-                tmp.rename(out)
-            except OSError as e:
-                raise ExportError(f"cannot move the finished export to {out}: {e.strerror}") from e
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            if not out.exists():
-                for parent in reversed(created):
-                    with contextlib.suppress(OSError):
-                        parent.rmdir()
+            file, offset, length = location(tensor)
+        except (KeyError, ValueError) as e:
+            raise ExportError(
+                f"{path}: tensor {tensor.name!r} has no valid external data location, offset and length"
+            ) from e
+        data = member(folder, file, f"the external data of tensor {tensor.name!r}", path)
+        if offset < 0 or length < 0 or offset + length > data.stat().st_size:
+            raise ExportError(f"{path}: tensor {tensor.name!r} reads past the end of {file}")
