@@ -95,7 +95,8 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             params = write_checkpoint(tmp / "ckpt", config)
-            export = ["onnx", "--model", tmp / "ckpt", "--out", tmp / "onnx", "--dtype", "bf16", "--max-prompt", "4096"]
+            prompt = min(4096, config.max_position_embeddings)  # the profile the real engines are built for
+            export = ["onnx", "--model", tmp / "ckpt", "--out", tmp / "onnx", "--dtype", "bf16", "--max-prompt", prompt]
             steps = [("export onnx", "torch.onnx dynamo", export)]
             if build:
                 steps.append(("export trt", "tensorrt_rtx", ["trt", "--onnx", tmp / "onnx", "--out", tmp / "trt"]))
