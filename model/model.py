@@ -153,10 +153,15 @@ class Router(nn.Module):
         return weights * self.per_expert_scale[idx], idx
 
 
+MIN_ROWS = 4  # CPU BLAS takes another kernel below 4 rows, whose sums round differently
+
+
 def moe(x, weights, idx, gate_up_proj, down_proj):
     """Reference MoE, one expert at a time. x (T, D); gate_up_proj (E, 2I, D) rows [gate; up]; down_proj (E, D, I).
 
-    Each choice's output is scaled by its fp32 routing weight and summed over the K choices in fp32.
+    Each choice's output is scaled by its fp32 routing weight and summed over the K choices in fp32. An expert's rows
+    are padded to MIN_ROWS, so a token's output never depends on how many other tokens chose its expert (batch
+    invariance: the same request gives the same tokens alone or batched with others).
     """
     T, K = idx.shape
     flat = idx.flatten()
@@ -167,8 +172,9 @@ def moe(x, weights, idx, gate_up_proj, down_proj):
         if rows.numel() == 0:
             continue
         tok = rows // K
-        gate, up = F.linear(x[tok], gate_up_proj[e]).chunk(2, dim=-1)  # 13
-        y = F.linear(gelu_tanh(gate) * up, down_proj[e])
+        xs = F.pad(x[tok], (0, 0, 0, max(0, MIN_ROWS - len(tok))))
+        gate, up = F.linear(xs, gate_up_proj[e]).chunk(2, dim=-1)  # 13
+        y = F.linear(gelu_tanh(gate) * up, down_proj[e])[: len(tok)]
         out.index_add_(0, tok, y.float() * weights.flatten()[rows, None])
     return out.to(x.dtype)
 
