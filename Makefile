@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	# torch first and pinned, so no newer (CUDA-sized) build is pulled in by a range.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	# The parity tests also run against transformers 5.24.0 (tests/test_parity_versions.py), from a folder of its own;
+	# the venv already satisfies its requirements, which transformers checks when imported.
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/transformers-5.24 transformers==5.24.0
 	touch $(STAMP)
 
 lint: $(STAMP)
