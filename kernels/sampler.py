@@ -43,10 +43,11 @@ from .common import REAL, STAGES, WARPS, Launch, Shapes, launch, named, recordin
 
 @triton.jit(do_not_specialize=["seed"])
 def _step_kernel(
-    entropy_ptr, sample_ptr, argmax_ptr, tick_ptr, step_ptr, running_ptr,
-    B, C, V, s, seed, bound, threshold,
+    entropy_ptr, sample_ptr, argmax_ptr, tick_ptr, step_ptr, running_ptr, allow_index_ptr, allow_ids_ptr,
+    allow_counts_ptr,
+    B, C, V, s, seed, bound, threshold, M,
     canvas_ptr, last_ptr, history_ptr, done_ptr, frozen_ptr, accepted_ptr, counts_ptr, passes_ptr,
-    BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, ALLOW: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     row0 = b.to(tl.int64) * C
@@ -82,6 +83,11 @@ def _step_kernel(
         take = (prefix <= bound) & j_ok
         accepted += tl.sum(take.to(tl.int32), 0)
         noise = tl.randint(seed, draw0 + offs_j * (V + 1)).to(tl.int64) % V  # uint32 -> [0, V): exact for V = 2^k
+        if ALLOW:  # a restricted position draws from its allowed ids, set[draw % len(set)] (runtime/canvas.py)
+            slot = tl.load(allow_index_ptr + row0 + offs_j, mask=j_ok, other=-1)
+            at = tl.maximum(slot, 0).to(tl.int64)
+            pick = noise % tl.load(allow_counts_ptr + at)
+            noise = tl.where(slot >= 0, tl.load(allow_ids_ptr + at * M + pick), noise)
         new = tl.where(take, tl.load(sample_ptr + row0 + offs_j, mask=j_ok, other=0), noise)
         old = tl.load(canvas_ptr + row0 + offs_j, mask=j_ok, other=0)
         tl.store(canvas_ptr + row0 + offs_j, tl.where(offs_j < C * (1 - frozen), new, old), mask=j_ok)
@@ -175,11 +181,13 @@ class SamplerState:
 
 
 def sampler_step(
-    state: SamplerState, argmax, sample, entropy, passes, *, V: int, seed: int, bound: float, threshold: float
+    state: SamplerState, argmax, sample, entropy, passes, *, V: int, seed: int, bound: float, threshold: float,
+    allow=None,
 ) -> None:  # fmt: skip
     """One step's acceptance, renoise, stop test and next temperature, in place on `state`: argmax, sample and
     entropy (B, C) from the vocabulary pass of a V-token vocabulary; passes (B,) int64, each row's decoder passes
-    while it denoised, advanced in place."""
+    while it denoised, advanced in place. `allow` (index (B*C,) int32, -1 where unrestricted; ids (N, M) int64;
+    counts (N,) int64) renoises restricted positions within their allowed ids: runtime/canvas.py's Restriction."""
     B, C = state.canvas.shape
     if argmax.shape != (B, C) or sample.shape != (B, C) or entropy.shape != (B, C) or passes.shape != (B,):
         raise ValueError(f"argmax, sample, entropy must be ({B}, {C}) and passes ({B},)")
@@ -187,12 +195,16 @@ def sampler_step(
     history = state.history if s else state.canvas  # never read when s = 0, but a pointer must be valid
     flags = [t.view(torch.uint8) for t in (state.done, state.frozen, state.accepted)]
     tile = tile_config(state.canvas.device, entropy.dtype, canvas=C).step
+    if allow is not None and (allow[0].shape != (B * C,) or allow[1].dim() != 2 or not allow[1].is_contiguous()):
+        raise ValueError(f"allow must be a ({B * C},) index, (N, M) contiguous ids and (N,) counts")
+    unread = state.tick  # without ALLOW: int64 like the ids and counts (the index too: it is never read)
+    index, ids, counts = allow if allow is not None else (unread, unread, unread)
     launch(
         _step_kernel, (B,),
-        entropy, sample, argmax, state.tick, state.step, state.running,
-        B, C, V, s, seed, bound, threshold,
+        entropy, sample, argmax, state.tick, state.step, state.running, index, ids, counts,
+        B, C, V, s, seed, bound, threshold, ids.shape[1] if allow is not None else 0,
         state.canvas, state.argmax, history, *flags, state.counts[1:], passes,
-        BLOCK_C=triton.next_power_of_2(C), **tile._asdict(),
+        BLOCK_C=triton.next_power_of_2(C), ALLOW=allow is not None, **tile._asdict(),
     )  # fmt: skip
     launch(
         _finish_kernel, (1,),
@@ -210,9 +222,11 @@ def sm90_launches(shapes: Shapes = REAL) -> list[Launch]:
     meta = lambda *shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
     state = SamplerState.new(1, C, D, 1, meta(N, dtype=torch.float32), torch.bfloat16)
     argmax, sample = meta(1, C, dtype=torch.int64), meta(1, C, dtype=torch.int64)
+    allow = meta(C, dtype=torch.int32), meta(C, 16, dtype=torch.int64), meta(C, dtype=torch.int64)
     with recording() as launches:
-        sampler_step(
-            state, argmax, sample, meta(1, C, dtype=torch.float32), meta(1, dtype=torch.int64),
-            V=shapes.vocab_size, seed=0, bound=0.1, threshold=0.05,
-        )  # fmt: skip
-    return named(launches, "sampler.step", "sampler.finish")
+        for restricted in (None, allow):  # free canvases; pinned / allowed positions
+            sampler_step(
+                state, argmax, sample, meta(1, C, dtype=torch.float32), meta(1, dtype=torch.int64),
+                V=shapes.vocab_size, seed=0, bound=0.1, threshold=0.05, allow=restricted,
+            )  # fmt: skip
+    return named(launches, "sampler.step", "sampler.finish", "sampler.step allow")

@@ -105,29 +105,36 @@ def _scaled_logits(
 
 @triton.jit
 def _tile(
-    h_ptr, w_ptr, rows, cols, D, stride_hr, stride_wv, cap, temp,
+    h_ptr, w_ptr, allow_index_ptr, allow_bits_ptr, rows, cols, D, words, stride_hr, stride_wv, cap, temp,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, LOGITS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    ALLOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """The scaled logits of (rows, cols): computed from the hidden states, or read from a graph's soft-capped
-    fp32 logits (h_ptr (R, V) with LOGITS) and divided by the temperature, as the PyTorch sampler does."""
+    fp32 logits (h_ptr (R, V) with LOGITS) and divided by the temperature, as the PyTorch sampler does. With ALLOW,
+    a restricted row's logits outside its allowed ids (bits of allow_bits, row allow_index[row], -1 for none) are
+    masked, as runtime/canvas.py's Restriction.mask_ does."""
     if LOGITS:  # a constexpr if/else: only the taken branch compiles (an early return would compile both)
         z = tl.load(h_ptr + rows[:, None] * stride_hr + cols[None, :]) / temp[:, None]
     else:
         z = _scaled_logits(
             h_ptr, w_ptr, rows, cols, D, stride_hr, stride_wv, cap, temp, BLOCK_M, BLOCK_V, BLOCK_D, PRECISION
         )
+    if ALLOW:
+        slot = tl.load(allow_index_ptr + rows)  # (BLOCK_M,)
+        bits = allow_bits_ptr + tl.maximum(slot, 0).to(tl.int64)[:, None] * words + (cols // 32)[None, :]
+        allowed = (tl.load(bits) >> (cols % 32).to(tl.int32)[None, :]) & 1
+        z = tl.where((slot < 0)[:, None] | (allowed != 0), z, NEG)
     return z
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _stats_kernel(
-    h_ptr, w_ptr, temp_ptr, tick_ptr,
-    R, V, D, C, seed, split_len, cap,
+    h_ptr, w_ptr, temp_ptr, tick_ptr, allow_index_ptr, allow_bits_ptr,
+    R, V, D, C, seed, split_len, cap, words,
     stride_hr, stride_wv, stride_zr,
     z_ptr, part_f_ptr, part_i_ptr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, STASH: tl.constexpr,
-    LOGITS: tl.constexpr, PRECISION: tl.constexpr,
+    LOGITS: tl.constexpr, ALLOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m, split = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -149,8 +156,8 @@ def _stats_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < end
         z = _tile(
-            h_ptr, w_ptr, rows, tl.minimum(cols, V - 1).to(tl.int64), D, stride_hr, stride_wv, cap, temp,
-            BLOCK_M, BLOCK_V, BLOCK_D, LOGITS, PRECISION,
+            h_ptr, w_ptr, allow_index_ptr, allow_bits_ptr, rows, tl.minimum(cols, V - 1).to(tl.int64), D, words,
+            stride_hr, stride_wv, cap, temp, BLOCK_M, BLOCK_V, BLOCK_D, LOGITS, ALLOW, PRECISION,
         )  # fmt: skip
         if STASH:
             stash = z_ptr + rows[:, None] * stride_zr + cols[None, :]
@@ -251,12 +258,12 @@ def _combine_kernel(
 
 @triton.jit
 def _soft_kernel(
-    p_ptr, h_ptr, w_ptr, temp_ptr, norm_ptr,
-    R, V, D, C, split_len, cap,
+    p_ptr, h_ptr, w_ptr, temp_ptr, norm_ptr, allow_index_ptr, allow_bits_ptr,
+    R, V, D, C, split_len, cap, words,
     stride_pr, stride_hr, stride_wv,
     part_ptr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    RECOMPUTE: tl.constexpr, LOGITS: tl.constexpr, PRECISION: tl.constexpr,
+    RECOMPUTE: tl.constexpr, LOGITS: tl.constexpr, ALLOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # grid (row tiles, D tiles, vocabulary splits), row tiles fastest: the programs sharing an E tile run together
     pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -277,8 +284,8 @@ def _soft_kernel(
         k_ok = offs_k < end
         if RECOMPUTE:
             z = _tile(
-                h_ptr, w_ptr, rows, tl.minimum(offs_k, V - 1).to(tl.int64), D, stride_hr, stride_wv, cap, temp,
-                BLOCK_M, BLOCK_K, BLOCK_D, LOGITS, PRECISION,
+                h_ptr, w_ptr, allow_index_ptr, allow_bits_ptr, rows, tl.minimum(offs_k, V - 1).to(tl.int64), D,
+                words, stride_hr, stride_wv, cap, temp, BLOCK_M, BLOCK_K, BLOCK_D, LOGITS, ALLOW, PRECISION,
             )  # fmt: skip
             p = tl.exp(z.to(dtype).to(tl.float32) - mb[:, None]) / lb[:, None]
             p = tl.where(k_ok[None, :], p, 0.0).to(dtype)
@@ -387,7 +394,7 @@ class VocabOut(NamedTuple):
 
 def vocab_pass(
     h, weight, temperature, tick, *, seed: int, cap: float, scale: float, soft=None, keep=None, stash: bool = True,
-    logits: bool = False, splits: int | None = None, config: Tiles | None = None,
+    logits: bool = False, allow=None, splits: int | None = None, config: Tiles | None = None,
 ) -> VocabOut:  # fmt: skip
     """h (R, D) final hidden states, weight (V, D) the tied embedding table, temperature (B,) fp32 for R = B*C rows
     (row r has temperature[r // C]), tick (1,) int64 the step's random-number counter, on the device.
@@ -395,6 +402,8 @@ def vocab_pass(
     With `logits`, h is instead the (R, V) fp32 soft-capped logits of an exported decoder graph (runtime/engine.py);
     the rest is the same pass, reading them where it would compute them.
     Writes the soft embedding into `soft` (R, D) when given, except for the rows of batch rows with keep (B,) set.
+    `allow` (index (R,) int32, -1 where unrestricted; bits (N, ceil(V / 32)) int32) restricts rows to token ids:
+    runtime/canvas.py's Restriction.bitset.
     """
     (V, D), B, R = weight.shape, temperature.numel(), h.shape[0]
     want = (R, V, torch.float32) if logits else (R, D, weight.dtype)
@@ -411,6 +420,15 @@ def vocab_pass(
     keep = torch.zeros(B, dtype=torch.bool, device=h.device) if keep is None else keep
     if keep.shape != (B,) or keep.dtype != torch.bool:
         raise ValueError(f"keep must be ({B},) bool")
+    if allow is not None:
+        index, bits = allow
+        if index.shape != (R,) or index.dtype != torch.int32 or bits.dtype != torch.int32 or bits.dim() != 2:
+            raise ValueError(f"allow must be an ({R},) int32 index and (N, words) int32 bits")
+        if bits.shape[1] * 32 < V or not bits.is_contiguous():
+            raise ValueError(f"allow's bits {tuple(bits.shape)} must cover the {V} ids contiguously")
+    unread = tick.view(torch.int32)  # without ALLOW: an int32 pointer, so a launch compiles the same either way
+    index, bits = allow if allow is not None else (unread, unread)
+    words = bits.shape[1] if allow is not None else 0
     tiles = config or tile_config(h.device, weight.dtype)
     dot_precision = precision(weight.dtype)
     C = R // B
@@ -423,11 +441,11 @@ def vocab_pass(
     part_i = torch.empty(2, S, R, device=h.device, dtype=torch.int32)
     launch(
         _stats_kernel, (row_tiles, S),
-        h, weight, temperature, tick,
-        R, V, D, C, seed, split_len, cap,
+        h, weight, temperature, tick, index, bits,
+        R, V, D, C, seed, split_len, cap, words,
         h.stride(0), weight.stride(0), z.stride(0),
         z, part_f, part_i,
-        STASH=stash, LOGITS=logits, PRECISION=dot_precision, **st._asdict(),
+        STASH=stash, LOGITS=logits, ALLOW=allow is not None, PRECISION=dot_precision, **st._asdict(),
     )  # fmt: skip
     out = [torch.empty(R, device=h.device, dtype=dt) for dt in (torch.int64, torch.int64, torch.float32, torch.float32)]
     norm = torch.empty(R, 2, device=h.device, dtype=torch.float32)
@@ -448,11 +466,12 @@ def vocab_pass(
     part = torch.empty(S, R, D, device=h.device, dtype=torch.float32)
     launch(
         _soft_kernel, (triton.cdiv(R, sk.BLOCK_M), triton.cdiv(D, sk.BLOCK_N), S),
-        z, h, weight, temperature, norm,
-        R, V, D, C, split_len, cap,
+        z, h, weight, temperature, norm, index, bits,
+        R, V, D, C, split_len, cap, words,
         z.stride(0), h.stride(0), weight.stride(0),
         part,
-        RECOMPUTE=not stash, LOGITS=logits, PRECISION=dot_precision, **sk._asdict(),
+        RECOMPUTE=not stash, LOGITS=logits, ALLOW=allow is not None and not stash,  # the stash is already masked
+        PRECISION=dot_precision, **sk._asdict(),
     )  # fmt: skip
     rd = tiles.reduce
     launch(
@@ -474,10 +493,12 @@ def sm90_launches(shapes: Shapes = REAL) -> list[Launch]:
             for stash in (True, False):
                 h = meta(R, V, dtype=torch.float32) if logits else meta(R, D)
                 vocab_pass(h, weight, temperature, tick, seed=0, cap=30.0, scale=D**0.5, stash=stash, logits=logits)
+        allow = meta(R, dtype=torch.int32), meta(R, (V + 31) // 32, dtype=torch.int32)  # pinned / allowed positions
+        vocab_pass(meta(R, D), weight, temperature, tick, seed=0, cap=30.0, scale=D**0.5, allow=allow)
     return named(
         launches,
         "vocab.stats hidden stash", "vocab.combine stash", "vocab.soft hidden stash", "vocab.soft_reduce",
         "vocab.stats hidden recompute", "vocab.combine recompute", "vocab.soft hidden recompute",
         "vocab.stats logits stash", "vocab.soft logits stash",
-        "vocab.stats logits recompute", "vocab.soft logits recompute",
+        "vocab.stats logits recompute", "vocab.soft logits recompute", "vocab.stats hidden stash allow",
     )  # fmt: skip

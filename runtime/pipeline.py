@@ -23,6 +23,7 @@ from ..model.config import BACKENDS, ENGINE_BACKENDS, is_int
 from ..model.load import load_model
 from ..model.model import check_ids, expected_embedding
 from ..model.tokenizer import Tokenizer
+from .canvas import CanvasControl
 from .engine import load as load_engine
 from .interface import Model
 from .sampler import (
@@ -48,6 +49,7 @@ class Draft:
     accepted: torch.Tensor
     changed: torch.Tensor  # argmax differs from the previous step's
     done: torch.Tensor  # (B,) rows whose canvas has stopped
+    tokens: torch.Tensor  # the canvas the next step reads: the accepted samples, the rest renoised
 
 
 @dataclass
@@ -78,8 +80,11 @@ def generate_ids(
     on_draft: Callable[[Draft], None] | None = None,
     on_commit: Callable[[int, torch.Tensor], None] | None = None,
     device_loop: bool | None = None,
+    control: CanvasControl | None = None,
 ) -> tuple[torch.Tensor, Stats]:
     """prompt (B, P) left-padded ids -> (B, P + k*C) ids with the committed canvases appended, and statistics.
+
+    `control` pins and constrains canvas positions (runtime/canvas.py; `CanvasControl.build`).
 
     `device_loop` denoises each canvas in `DeviceLoop` (Triton kernels), without a host sync until the commit; None
     takes the model's own `device_loop` (true for the kernel-backed layers and TensorRT engines; the torch reference
@@ -124,10 +129,15 @@ def generate_ids(
         canvas = draws.canvas(B, C, V, device)  # drawn even under a warm start, as transformers does
         if k == 0 and warm_start is not None:
             canvas = warm_start.to(device)
+        restriction = control.at(k) if control is not None else None
+        if restriction is not None:
+            restriction.project_(canvas)
         if loop is not None:
-            argmax = loop.denoise(canvas, cache, finished, passes, stats, k, on_draft)
+            argmax = loop.denoise(canvas, cache, finished, passes, stats, k, on_draft, restriction)
         else:
-            argmax = _denoise(model, canvas, cache, cfg, draws, finished, passes, stats, k, reference, on_draft)
+            argmax = _denoise(
+                model, canvas, cache, cfg, draws, finished, passes, stats, k, reference, on_draft, restriction
+            )
         committed, finished = finalize_canvas(argmax, finished, cfg)
         out.append(committed)
         if on_commit is not None:
@@ -161,7 +171,9 @@ def check_prompt(prompt, attention_mask, vocab_size: int) -> tuple[int, int]:
     return B, P
 
 
-def _denoise(model, canvas, cache, cfg, draws, finished, passes, stats, k, reference, on_draft) -> torch.Tensor:
+def _denoise(
+    model, canvas, cache, cfg, draws, finished, passes, stats, k, reference, on_draft, restriction
+) -> torch.Tensor:
     """One canvas (B, C) in PyTorch, one host sync per step -> the argmax canvas to commit.
 
     The reference computes transformers' ops in transformers' order; otherwise `fast_scores` gives the same
@@ -179,6 +191,8 @@ def _denoise(model, canvas, cache, cfg, draws, finished, passes, stats, k, refer
         out = model.decode(canvas, cache, soft)
         t = temperature(remaining, cfg)
         z = out / t if model.decoder_output == "logits" else model.logits(out, out=buffer).div_(t)  # (B, C, V) fp32
+        if restriction is not None:
+            restriction.mask_(z)
         if reference:
             sample, new_argmax, H = draws.sample(z.softmax(-1, dtype=torch.float32)), z.argmax(-1), entropy(z)
             new_soft = model.soft_embedding(z.to(model.dtype))
@@ -186,14 +200,16 @@ def _denoise(model, canvas, cache, cfg, draws, finished, passes, stats, k, refer
             sample, new_argmax, H, probs = scores(z, draws)
             new_soft = expected_embedding(probs, table)
         accepted = entropy_bound_accept(H, cfg.entropy_bound)
-        new_canvas = torch.where(accepted, sample, draws.canvas(B, C, V, device))
+        renoise = draws.canvas(B, C, V, device)
+        new_canvas = torch.where(accepted, sample, renoise if restriction is None else restriction.project_(renoise))
         if soft is not None:  # stopped rows stay frozen
             new_argmax = torch.where(done[:, None], argmax, new_argmax)
             new_canvas = torch.where(done[:, None], canvas, new_canvas)
             new_soft = torch.where(done[:, None, None], soft, new_soft)
         done = done | (stable(history, new_argmax) & (H.mean(-1) < cfg.confidence_threshold))
         if on_draft is not None:
-            on_draft(Draft(k, step, new_argmax.cpu(), accepted.cpu(), (new_argmax != argmax).cpu(), done.cpu()))
+            changed = new_argmax != argmax
+            on_draft(Draft(k, step, *(t.cpu() for t in (new_argmax, accepted, changed, done, new_canvas))))
         stats.accepted_per_step.append(accepted.sum(-1).float().mean().item())
         canvas, argmax, soft = new_canvas, new_argmax, new_soft
         if done.all():
@@ -245,13 +261,18 @@ class DeviceLoop:
             return bool(self.flags[step - 2] == 0)
         return False
 
-    def denoise(self, canvas, cache, finished, passes, stats: Stats, k: int, on_draft) -> torch.Tensor:
-        """One canvas (B, C) -> the argmax canvas to commit (a device tensor, overwritten by the next canvas)."""
+    def denoise(self, canvas, cache, finished, passes, stats: Stats, k: int, on_draft, restriction=None):
+        """One canvas (B, C) -> the argmax canvas to commit (a device tensor, overwritten by the next canvas);
+        `restriction` pins and constrains its positions (runtime/canvas.py) inside the kernels."""
         from ..kernels.sampler import sampler_step
         from ..kernels.vocab import vocab_pass
 
         model, cfg, state = self.model, self.cfg, self.state
         (B, C), D, V = canvas.shape, model.config.hidden_size, model.config.vocab_size
+        allow_vocab = allow_sampler = None
+        if restriction is not None:
+            index, bits = restriction.bitset(B, C, V)
+            allow_vocab, allow_sampler = (index, bits), (index, restriction.ids, restriction.counts)
         state.start(canvas, finished)
         self.flags.fill_(1)
         for step in range(cfg.max_denoising_steps):
@@ -262,17 +283,17 @@ class DeviceLoop:
             out = vocab_pass(
                 x, model.embed_tokens.weight, state.temperature, state.tick, seed=self.seed,
                 cap=model.config.final_logit_softcapping, scale=self.scale, soft=state.soft.view(B * C, D),
-                keep=state.frozen, logits=self.logits,
+                keep=state.frozen, logits=self.logits, allow=allow_vocab,
             )  # fmt: skip
             sampler_step(
                 state, out.argmax.view(B, C), out.sample.view(B, C), out.entropy.view(B, C), passes,
-                V=V, seed=self.seed, bound=cfg.entropy_bound, threshold=cfg.confidence_threshold,
+                V=V, seed=self.seed, bound=cfg.entropy_bound, threshold=cfg.confidence_threshold, allow=allow_sampler,
             )  # fmt: skip
             self.flags[step : step + 1].copy_(state.running, non_blocking=True)
             if self.cuda:
                 self.events[step].record()
             if on_draft is not None:  # the callback takes host tensors: a sync per step, only when asked for
-                host = (state.argmax, state.accepted, state.argmax != last, state.done)
+                host = (state.argmax, state.accepted, state.argmax != last, state.done, state.canvas)
                 on_draft(Draft(k, step, *(t.to("cpu", copy=True) for t in host)))
         counts = state.counts.tolist()  # the canvas's statistics, read once
         steps = counts[0]
@@ -388,13 +409,15 @@ class Pipeline:
         reference: bool = False,
         seed: int = 0,
         warm_start=None,
+        pinned=None,
+        allowed=None,
         on_draft=None,
         on_commit=None,
         device_loop=None,
         **sampling,
     ) -> Generation:
         """`sampling` overrides SamplingConfig fields (max_new_tokens, max_denoising_steps, t_min, ...); device_loop as
-        in `generate_ids`."""
+        in `generate_ids`; `pinned` and `allowed` pin and constrain generated positions (CanvasControl.build)."""
         cfg = self.sampling_config(**sampling)
         rows = self.prompt_ids(prompt, chat=chat, thinking=thinking)
         P, device = max(map(len, rows)), self.model.device
@@ -404,6 +427,9 @@ class Pipeline:
         mask = torch.tensor([[False] * (P - len(r)) + [True] * len(r) for r in rows], device=device)
         if warm_start is not None:
             warm_start = as_canvas(warm_start, len(rows), self.model.config.canvas_length, device)
+        C, V = self.model.config.canvas_length, self.model.config.vocab_size
+        canvases = math.ceil(cfg.max_new_tokens / C)
+        control = CanvasControl.build(pinned, allowed, rows=len(rows), C=C, canvases=canvases, V=V, device=device)
         sequences, stats = generate_ids(
             self.model,
             ids,
@@ -415,6 +441,7 @@ class Pipeline:
             on_draft=on_draft,
             on_commit=on_commit,
             device_loop=device_loop,
+            control=control,
         )
         tokens = []
         for row in sequences[:, P:].tolist():

@@ -55,8 +55,10 @@ STACK = {
     "vocab.soft logits stash": 1184,
     "vocab.stats logits recompute": 3224,
     "vocab.soft logits recompute": 1168,
+    "vocab.stats hidden stash allow": 8,
     "sampler.step": 0,
     "sampler.finish": 0,
+    "sampler.step allow": 0,
 }
 # Both of attention's dots, and the vocabulary pass's dots over E, on the warpgroup tensor-core path. The MoE GEMMs'
 # 32-row expert blocks and the stats kernel over fp32 logits (no dot) do not use it.
