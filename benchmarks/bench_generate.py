@@ -26,6 +26,7 @@ loop of the embedded default model, against transformers' on the same weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import importlib.metadata
@@ -132,11 +133,10 @@ def triton_twin(model: DiffusionGemma) -> DiffusionGemma:
     return use_kernels(copy.deepcopy(model, memo=shared))
 
 
+@contextlib.contextmanager
 def parameters_on_meta():
-    """A context in which modules create their parameters on the meta device (and their buffers for real), so a
-    transformers model of the real size costs nothing until it is given our tensors."""
-    import contextlib
-
+    """Modules built inside create their parameters on the meta device (their buffers for real), so a transformers
+    model of the real size costs nothing until it is given our tensors."""
     register = nn.Module.register_parameter
 
     def on_meta(module, name, param):
@@ -144,15 +144,11 @@ def parameters_on_meta():
         if param is not None:
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
 
-    @contextlib.contextmanager
-    def context():
-        nn.Module.register_parameter = on_meta
-        try:
-            yield
-        finally:
-            nn.Module.register_parameter = register
-
-    return context()
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def transformers_twin(model: DiffusionGemma):
@@ -178,7 +174,8 @@ def transformers_twin(model: DiffusionGemma):
                 key = "embed_tokens.weight" if prefix == "lm_head." else name.removeprefix(prefix)
                 if key not in ours or ours[key].shape != module._parameters[leaf].shape:
                     raise DgemmaError(f"transformers' {name} has no counterpart of its shape in dgemma's model")
-                module._parameters[leaf], _ = ours[key], used.add(key)
+                module._parameters[leaf] = ours[key]
+                used.add(key)
                 break
         else:  # the vision tower
             fresh = torch.randn(module._parameters[leaf].shape, dtype=model.dtype, device=model.device)

@@ -197,13 +197,14 @@ def first(rows: list[dict], **where) -> dict | None:
     return next((r for r in rows if all(r[k] == v for k, v in where.items())), None)
 
 
+def batch_one(rows: list[dict], op: str, provider: str, fp8: bool) -> dict | None:
+    """bench_generate's batch-1 row of `op` for a provider and an expert dtype."""
+    fits = lambda r: (r["op"], r["provider"], "fp8" in r["dtype"], size(r, "B")) == (op, provider, fp8, 1)  # noqa: E731
+    return next(filter(fits, rows), None)
+
+
 def generate_lines(rows: list[dict]) -> list[Line]:
     """End to end, batch 1: fp8 against vLLM's published number for this GPU, bf16, and against transformers."""
-    gen = lambda provider, fp8: next(  # noqa: E731
-        (r for r in rows if r["op"] == "generate" and r["provider"] == provider and ("fp8" in r["dtype"]) == fp8
-         and size(r, "B") == 1), None,
-    )  # fmt: skip
-    rate = lambda r: f"{fmt(number(r, 'value'))} tok/s ({fmt(number(r, 'pct_of_ceiling'))} % of the floor)"  # noqa: E731
     gpu = rows[0]["gpu"] if rows else ""
     vllm = next((v for k, v in VLLM.items() if k in gpu), None)
     target = f"> vLLM's {vllm:,} tok/s" if vllm else "> vLLM's 1,008 tok/s (H100), 1,288 (H200)"
@@ -213,14 +214,14 @@ def generate_lines(rows: list[dict]) -> list[Line]:
         ("dgemma bf16, B1, tok/s, prefill excluded", "dgemma-triton", False, "-"),
         ("transformers bf16, B1, tok/s, prefill excluded", "transformers", False, "-"),
     ):
-        r = gen(provider, fp8)
+        r = batch_one(rows, "generate", provider, fp8)
+        text = r and f"{fmt(number(r, 'value'))} tok/s ({fmt(number(r, 'pct_of_ceiling'))} % of the floor)"
         meets = (lambda v: v > vllm) if goal != "-" and vllm else None
-        out.append(line(label, goal, r and number(r, "value"), r and rate(r), meets))
-    ours, theirs = gen("dgemma-triton", False), gen("transformers", False)
-    ratio = ours and theirs and number(ours, "value") / number(theirs, "value")
-    out.append(line("dgemma / transformers, bf16, B1", "> 1", ratio, f"{ratio:.2f}x" if ratio else "", lambda v: v > 1))
-    p = next((r for r in rows if r["op"] == "generate.pass" and r["provider"] == "dgemma-triton" and "fp8" in r["dtype"]
-              and size(r, "B") == 1), None)  # fmt: skip
+        out.append(line(label, goal, r and number(r, "value"), text, meets))
+    ours, theirs = (batch_one(rows, "generate", p, False) for p in ("dgemma-triton", "transformers"))
+    ratio = number(ours, "value") / number(theirs, "value") if ours and theirs else None
+    out.append(line("dgemma / transformers, bf16, B1", "> 1", ratio, ratio and f"{ratio:.2f}x", lambda v: v > 1))
+    p = batch_one(rows, "generate.pass", "dgemma-triton", True)
     text = p and f"{fmt(number(p, 'pct_of_ceiling'))} % ({fmt(number(p, 'p50_ms'))} ms per pass)"
     out.append(line("dgemma fp8 pass, B1, % of the copy-bandwidth floor", "-", p and number(p, "pct_of_ceiling"), text))
     return out
@@ -233,7 +234,7 @@ def attention_lines(rows: list[dict]) -> list[Line]:
     glob = [r for r in decoder if r["provider"] == "ours" and r["shape"].startswith("decoder full_attention ")]
     g = next(iter(closest(glob, "P", 32768)), None)
     pct = g and number(g, "pct_of_ceiling")
-    text = g and f"{pct:.0f} % (P={size(g, 'P')})"
+    text = g and f"{fmt(pct)} % (P={size(g, 'P')})"
     out = [line("attention, global decoder, P=32768, % of the matmul rate", ">= 50 %", pct, text, lambda v: v >= 50)]
     speedups = []
     for r in decoder:
@@ -257,7 +258,7 @@ def moe_lines(rows: list[dict]) -> list[Line]:
         picked = closest([r for r in rows if r["op"] == "moe" and r["provider"] == "ours"
                           and r["dtype"].startswith("float8") == fp8], "T", 256)  # fmt: skip
         r = picked[0] if picked else None
-        text = r and f"{number(r, 'pct_of_ceiling'):.0f} % (T={size(r, 'T')})"
+        text = r and f"{fmt(number(r, 'pct_of_ceiling'))} % (T={size(r, 'T')})"
         out.append(line(f"MoE, {label} banks, T=256, % of the copy bandwidth", f">= {goal} %",
                         r and number(r, "pct_of_ceiling"), text, lambda v, g=goal: v >= g))  # fmt: skip
     picked = closest(
