@@ -75,6 +75,29 @@ def positive_float(text: str) -> float:
     return value
 
 
+def position_ids(text: str) -> tuple[int, list[int]]:
+    """POS=ID[,ID...] -> (POS, [IDs]): a generated position and token ids."""
+    pos, sep, ids = text.partition("=")
+    try:
+        position, tokens = int(pos), [int(i) for i in ids.split(",")]
+    except ValueError:
+        position = tokens = None
+    if not sep or position is None or position < 0 or min(tokens) < 0:
+        raise argparse.ArgumentTypeError(f"must be POS=ID[,ID...] with non-negative integers, not {text!r}")
+    return position, tokens
+
+
+def pin(text: str) -> tuple[int, int]:
+    position, tokens = position_ids(text)
+    if len(tokens) != 1:
+        raise argparse.ArgumentTypeError(f"pins one token: POS=ID, not {text!r}")
+    return position, tokens[0]
+
+
+def allow(text: str) -> tuple[int, list[int]]:
+    return position_ids(text)
+
+
 def path(text: str) -> str:
     """A file or folder name; an empty one would silently mean the current folder or a default."""
     if not text.strip():
@@ -108,6 +131,16 @@ def add_generate(sub) -> None:
     g.add_argument("--engine", type=path, help="onnxruntime, tensorrt: the folder `dgemma export` wrote")
     g.add_argument("--window", choices=WINDOW_MODES, default="shared", help="decoder sliding window")
     g.add_argument("--threads", type=positive_int, default=1, help=THREADS)
+    g.add_argument(
+        "--pin",
+        type=pin,
+        action="append",
+        default=[],
+        metavar="POS=ID",
+        help="pin generated position POS (0 = the first new token) to token id ID; repeatable",
+    )
+    g.add_argument("--allow", type=allow, action="append", default=[], metavar="POS=ID,ID,...",
+                   help="restrict generated position POS to these token ids; repeatable")  # fmt: skip
 
 
 def add_sudoku(sub) -> None:
@@ -117,6 +150,8 @@ def add_sudoku(sub) -> None:
     s.add_argument("--size", type=int, choices=sizes, help="grid size of a random puzzle (default 4)")
     s.add_argument("--model", type=path, help="checkpoint folder (default: the shipped model for the puzzle's size)")
     s.add_argument("--steps", type=positive_int, dest="max_denoising_steps", help="maximum denoising steps")
+    s.add_argument("--pin-givens", action="store_true", help="pin every clue's cell to its digit")
+    s.add_argument("--digits", action="store_true", help="restrict every blank cell to the digits 1-n")
     s.add_argument("--seed", type=non_negative_int, default=0, help="sampler seed (and the random puzzle's)")
     s.add_argument("--delay", type=non_negative_float, default=0.4, help="seconds per step on a terminal")
     s.add_argument("--dtype", choices=DTYPES, default="fp32")
@@ -131,6 +166,8 @@ def add_sudoku(sub) -> None:
     e.add_argument("--model", type=path, help="diffusion checkpoint (default: the shipped one)")
     e.add_argument("--baseline", type=path, nargs="?", const="shipped", help="also decode an AR checkpoint greedily")
     e.add_argument("--steps", type=positive_int, nargs="+", help="denoising step budgets (default: the checkpoint's)")
+    e.add_argument("--pin-givens", action="store_true", help="pin every clue's cell to its digit")
+    e.add_argument("--digits", action="store_true", help="restrict every blank cell to the digits 1-n")
     e.add_argument("--seed", type=non_negative_int, default=0, help="puzzle and sampler seed")
     e.add_argument("--dtype", choices=DTYPES, default="fp32")
     e.add_argument("--threads", type=positive_int, default=1, help=THREADS)

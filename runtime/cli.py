@@ -43,6 +43,11 @@ def generate(args, console: Console) -> None:
         committed.extend(canvas[0].tolist())
         show([], f"canvas {k + 1} committed")
 
+    pinned = None
+    if args.pin:  # POS=ID pairs -> a template, -1 where free
+        pinned = [-1] * (max(position for position, _ in args.pin) + 1)
+        for position, token in args.pin:
+            pinned[position] = token
     with live:
         out = pipe.generate(
             text if args.raw else messages,
@@ -54,6 +59,8 @@ def generate(args, console: Console) -> None:
             on_commit=on_commit,
             max_new_tokens=args.max_new_tokens,
             max_denoising_steps=args.max_denoising_steps,
+            pinned=pinned,
+            allowed=dict(args.allow) or None,
         )
         live.update(Panel(Text(out.text), title="answer", title_align="left"), refresh=True)
     s = out.stats

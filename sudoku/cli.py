@@ -83,7 +83,10 @@ def solve_one(args, console: Console) -> None:
     if live is not None:
         live.start()
     try:
-        (grid,), (steps,) = solve(pipe, [puzzle], seed=args.seed, on_draft=on_draft, max_denoising_steps=budget)
+        control = dict(pin_givens=args.pin_givens, digits=args.digits)
+        (grid,), (steps,) = solve(
+            pipe, [puzzle], seed=args.seed, on_draft=on_draft, max_denoising_steps=budget, **control
+        )
     finally:
         if live is not None:
             live.stop()
@@ -111,12 +114,14 @@ def evaluate(args, console: Console) -> None:
     puzzles, solutions = [p for p, _ in pairs], [s for _, s in pairs]
     n = board.size_of(len(puzzles[0]))
     pipe = Pipeline.from_pretrained(args.model or shipped(n), dtype=LOAD_DTYPES[args.dtype])
+    control = dict(pin_givens=args.pin_givens, digits=args.digits)
     rows = []
     for steps in args.steps or [pipe.sampling_config().max_denoising_steps]:
         start = time.perf_counter()
-        grids, passes = solve(pipe, puzzles, seed=args.seed, max_denoising_steps=steps)
+        grids, passes = solve(pipe, puzzles, seed=args.seed, max_denoising_steps=steps, **control)
         result = score(puzzles, solutions, grids, passes).row()
-        rows.append({"model": "diffusion", "max_steps": steps, **result, "seconds": time.perf_counter() - start})
+        model = "diffusion" + "".join(f", {k.replace('_', ' ')}" for k, on in control.items() if on)
+        rows.append({"model": model, "max_steps": steps, **result, "seconds": time.perf_counter() - start})
     if args.baseline:
         path = shipped(n, baseline=True) if args.baseline == "shipped" else args.baseline
         start = time.perf_counter()

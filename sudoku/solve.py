@@ -41,14 +41,23 @@ def check_puzzles(model: DiffusionGemma, puzzles: list[list[int]], batch: int) -
     return n
 
 
-def solve(pipe: Pipeline, puzzles: list[list[int]], *, seed: int = 0, batch: int = 500, on_draft=None, **sampling):
+def solve(
+    pipe: Pipeline, puzzles: list[list[int]], *, seed: int = 0, batch: int = 500, on_draft=None,
+    pin_givens: bool = False, digits: bool = False, **sampling,
+):  # fmt: skip
     """Diffusion: one canvas per puzzle -> (grids, decoder passes per puzzle); `sampling` overrides the checkpoint's
-    generation_config (max_denoising_steps, t_min, ...)."""
+    generation_config (max_denoising_steps, t_min, ...). `pin_givens` pins each clue's cell to its digit, `digits`
+    restricts every blank cell to the digits 1-n (runtime/canvas.py): the sampler never changes a given and never
+    puts a non-digit in a cell."""
     n = check_puzzles(pipe.model, puzzles, batch)
     grids, passes = [], []
     for i in range(0, len(puzzles), batch):
-        rows = [board.prompt_ids(p) for p in puzzles[i : i + batch]]
-        out = pipe.generate(rows, seed=seed + i, on_draft=on_draft, **sampling)
+        chunk = puzzles[i : i + batch]
+        rows = [board.prompt_ids(p) for p in chunk]
+        pinned = [[board.DIGIT0 + d if d else -1 for d in p] for p in chunk] if pin_givens else None
+        cells = list(range(board.DIGIT0 + 1, board.DIGIT0 + n + 1))
+        allowed = [{j: cells for j, d in enumerate(p) if not d} for p in chunk] if digits else None
+        out = pipe.generate(rows, seed=seed + i, on_draft=on_draft, pinned=pinned, allowed=allowed, **sampling)
         P = len(rows[0])
         grids += [board.cells_of(row, n) for row in out.sequences[:, P:].tolist()]
         passes += out.stats.decoder_passes
