@@ -121,3 +121,54 @@ def test_every_position_pinned_stops_at_once(pipe):
     out = pipe.generate("hello", pinned=template, max_new_tokens=C, stop_ids=[], max_denoising_steps=8)
     assert out.tokens[0] == template and out.stats.steps_per_canvas[0] <= 2
     assert math.isclose(out.stats.accepted_per_step[0], C)
+
+
+@pytest.mark.parametrize("stash", [True, False])  # the stash holds masked logits; the recompute variant masks again
+def test_vocab_pass_masks_restricted_rows(stash, device):
+    """The fused pass over restricted rows gives the statistics of the masked logits (the PyTorch loop's), and
+    leaves unrestricted rows as they were."""
+    from dgemma.kernels.vocab import vocab_pass, vocab_ref
+
+    R, Vs, D = 6, 200, 32
+    h, w, T = torch.randn(R, D, device=device) * 3, torch.randn(Vs, D, device=device) / D**0.5, torch.ones(1)
+    control = CanvasControl.build([-1, 7], {2: [3, 150, 199], 4: list(range(0, 200, 2))}, rows=1, C=R, canvases=1,
+                                  V=Vs, device=device)  # fmt: skip
+    restriction = control.at(0)
+    tick, args = torch.zeros(1, dtype=torch.long, device=device), dict(seed=1, cap=30.0, scale=D**0.5, stash=stash)
+    free = vocab_pass(h, w, T.to(device), tick, **args)
+    ours = vocab_pass(h, w, T.to(device), tick, allow=restriction.bitset(1, R, Vs), **args)
+    z = restriction.mask_(vocab_ref(h, w, T.to(device), 30.0, D**0.5)[0].view(1, R, Vs))[0]
+    p = z.softmax(-1)
+    assert torch.equal(ours.argmax, z.argmax(-1))
+    torch.testing.assert_close(ours.entropy, -(p * z.log_softmax(-1)).sum(-1), rtol=1e-4, atol=1e-5)
+    soft = (p @ w) * D**0.5
+    torch.testing.assert_close(ours.soft, soft, rtol=1e-4, atol=1e-4)
+    assert ours.sample[1] == 7 and ours.sample[2] in (3, 150, 199) and ours.sample[4] % 2 == 0
+    for r in (0, 3, 5):  # unrestricted
+        assert ours.argmax[r] == free.argmax[r] and ours.sample[r] == free.sample[r]
+
+
+def test_cli_pins_and_restricts(tiny_checkpoint, capsys):
+    from dgemma.cli import main
+
+    base = ["generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "8", "--steps", "3", "--raw", "hi"]
+    assert main([*base, "--pin", "1=17", "--allow", "2=10,11"]) == 0
+    for bad, fragment in (("--pin=1=300", "pinned[1]"), ("--pin=x", "must be POS=ID"), ("--allow=3=", "POS=ID")):
+        try:
+            status = main([*base, bad])
+        except SystemExit as e:
+            status = e.code
+        err = capsys.readouterr().err
+        assert status == 2 and err.startswith("error:") and fragment in err and len(err.splitlines()) == 1
+
+
+def test_sudoku_givens_pinned_and_cells_digits(capsys):
+    """The shipped 4x4 model with its clues pinned and its blanks restricted to digits keeps every clue."""
+    from dgemma.cli import main
+    from dgemma.sudoku import board
+
+    puzzle = "0024000000020300"
+    assert main(["sudoku", puzzle, "--pin-givens", "--digits", "--steps", "2", "--delay", "0"]) == 0
+    answer = capsys.readouterr().out.split("answer ")[-1].split()[0]
+    grid = [int(c) for c in answer]
+    assert board.keeps_clues(grid, board.parse(puzzle)) and all(1 <= d <= 4 for d in grid)
