@@ -192,7 +192,12 @@ def test_encoders_that_attend_with_one_layer_type_or_none(types, tmp_path):
     encoder_inputs = {e["name"] for e in meta["graphs"]["encoder"]["inputs"]}
     assert {n for n in encoder_inputs if n.startswith("mask_")} == {f"mask_{SHORT[t]}" for t in types[:-1]}
     for graph in GRAPHS:
-        assert profile_shapes(meta["graphs"][graph], {k: d | {"opt": d["max"]} for k, d in meta["dims"].items()})
+        shapes = profile_shapes(meta["graphs"][graph], {k: d | {"opt": d["max"]} for k, d in meta["dims"].items()})
+        inputs = meta["graphs"][graph]["inputs"]
+        dynamic = {e["name"] for e in inputs if any(isinstance(d, str) for d in e["shape"])}
+        assert dynamic and set(shapes) == dynamic  # every input with a named dimension has a profile
+        for name, (lo, opt, hi) in shapes.items():
+            assert all(0 < a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True)), (name, lo, opt, hi)
     ref = DiffusionGemma.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
     ours = load(tmp_path / "ckpt", export, backend="onnxruntime")
     C = ref.config.canvas_length
