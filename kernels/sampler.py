@@ -44,7 +44,7 @@ from .common import REAL, STAGES, WARPS, Launch, Shapes, launch, named, recordin
 @triton.jit(do_not_specialize=["seed"])
 def _step_kernel(
     entropy_ptr, sample_ptr, argmax_ptr, tick_ptr, step_ptr, running_ptr, allow_index_ptr, allow_ids_ptr,
-    allow_counts_ptr,
+    allow_counts_ptr, free_ptr,
     B, C, V, s, seed, bound, threshold, M,
     canvas_ptr, last_ptr, history_ptr, done_ptr, frozen_ptr, accepted_ptr, counts_ptr, passes_ptr,
     BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, ALLOW: tl.constexpr,
@@ -67,7 +67,10 @@ def _step_kernel(
         shift = offs < tl.where(i + 1 < s, C, 0)
         tl.store(hist, tl.where(shift, tl.load(hist + B * C, mask=shift, other=0), a), mask=ok)  # history[i + 1, b]
     tl.store(last_ptr + row0 + offs, a, mask=ok)
-    confident = tl.sum(H, 0) / C < threshold  # the mean entropy over every position
+    if ALLOW:  # the mean over the positions not pinned (a pinned one's entropy is 0)
+        confident = tl.sum(H, 0) / tl.load(free_ptr + b).to(tl.float32) < threshold
+    else:
+        confident = tl.sum(H, 0) / C < threshold  # the mean entropy over every position
     stop = (mismatches == 0).to(tl.int32) * confident.to(tl.int32)
     tl.store(done_ptr + b, tl.maximum(stop, done).to(tl.uint8))
     tl.store(passes_ptr + b, tl.load(passes_ptr + b) + running * (1 - done))
@@ -187,7 +190,8 @@ def sampler_step(
     """One step's acceptance, renoise, stop test and next temperature, in place on `state`: argmax, sample and
     entropy (B, C) from the vocabulary pass of a V-token vocabulary; passes (B,) int64, each row's decoder passes
     while it denoised, advanced in place. `allow` (index (B*C,) int32, -1 where unrestricted; ids (N, M) int64;
-    counts (N,) int64) renoises restricted positions within their allowed ids: runtime/canvas.py's Restriction."""
+    counts (N,) int64; free (B,) int64, the positions not pinned) renoises restricted positions within their allowed
+    ids and averages the stop test's entropy over the free positions: runtime/canvas.py's Restriction."""
     B, C = state.canvas.shape
     if argmax.shape != (B, C) or sample.shape != (B, C) or entropy.shape != (B, C) or passes.shape != (B,):
         raise ValueError(f"argmax, sample, entropy must be ({B}, {C}) and passes ({B},)")
@@ -196,12 +200,12 @@ def sampler_step(
     flags = [t.view(torch.uint8) for t in (state.done, state.frozen, state.accepted)]
     tile = tile_config(state.canvas.device, entropy.dtype, canvas=C).step
     if allow is not None and (allow[0].shape != (B * C,) or allow[1].dim() != 2 or not allow[1].is_contiguous()):
-        raise ValueError(f"allow must be a ({B * C},) index, (N, M) contiguous ids and (N,) counts")
+        raise ValueError(f"allow must be a ({B * C},) index, (N, M) contiguous ids, (N,) counts and ({B},) free")
     unread = state.tick  # without ALLOW: int64 like the ids and counts (the index too: it is never read)
-    index, ids, counts = allow if allow is not None else (unread, unread, unread)
+    index, ids, counts, free = allow if allow is not None else (unread, unread, unread, unread)
     launch(
         _step_kernel, (B,),
-        entropy, sample, argmax, state.tick, state.step, state.running, index, ids, counts,
+        entropy, sample, argmax, state.tick, state.step, state.running, index, ids, counts, free,
         B, C, V, s, seed, bound, threshold, ids.shape[1] if allow is not None else 0,
         state.canvas, state.argmax, history, *flags, state.counts[1:], passes,
         BLOCK_C=triton.next_power_of_2(C), ALLOW=allow is not None, **tile._asdict(),
@@ -222,7 +226,10 @@ def sm90_launches(shapes: Shapes = REAL) -> list[Launch]:
     meta = lambda *shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
     state = SamplerState.new(1, C, D, 1, meta(N, dtype=torch.float32), torch.bfloat16)
     argmax, sample = meta(1, C, dtype=torch.int64), meta(1, C, dtype=torch.int64)
-    allow = meta(C, dtype=torch.int32), meta(C, 16, dtype=torch.int64), meta(C, dtype=torch.int64)
+    index, ids, counts, free = (meta(*shape, dtype=dtype) for shape, dtype in (
+        ((C,), torch.int32), ((C, 16), torch.int64), ((C,), torch.int64), ((1,), torch.int64)
+    ))  # fmt: skip
+    allow = index, ids, counts, free
     with recording() as launches:
         for restricted in (None, allow):  # free canvases; pinned / allowed positions
             sampler_step(

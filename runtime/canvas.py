@@ -4,7 +4,8 @@ A generated position (0 = the first token after the prompt) may be restricted to
 position is one restricted to a single id. The sampler then works as usual over the rest, and at a restricted
 position: its logits outside the set are masked before the softmax (so its argmax, sample, entropy and the soft
 embedding fed back as self-conditioning come from the set alone: a pinned position has entropy 0 and the one-hot
-embedding of its token), and every uniform draw of a canvas (the first canvas, each renoise) is mapped into the set
+embedding of its token, and the confidence stop test averages the entropy over the positions not pinned), and every
+uniform draw of a canvas (the first canvas, each renoise) is mapped into the set
 as set[draw % len(set)], which keeps the draws' count and order (and the reference's transformers order) unchanged
 and is uniform over the set up to V mod len(set) of V (a few in 262,144). So a restricted position only ever holds
 an allowed id, and a pinned one its token, at every step.
@@ -34,6 +35,12 @@ class Restriction:
     cols: torch.Tensor
     ids: torch.Tensor
     counts: torch.Tensor
+
+    def free(self, B: int, C: int) -> torch.Tensor:
+        """(B,) the positions of each row not pinned: the confidence test's mean entropy is over these (a pinned
+        position's entropy is 0, which would stop a canvas early)."""
+        pinned = torch.bincount(self.rows[self.counts == 1], minlength=B)
+        return (C - pinned).clamp(min=1)
 
     def mask_(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, C, V): every logit of a restricted position outside its set becomes MASKED, in place."""

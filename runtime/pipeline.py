@@ -183,6 +183,7 @@ def _denoise(
     table = model.embed_tokens.weight
     scores, buffer = (None, None) if reference else (FastScores((B, C, V), device), torch.empty(B, C, V, device=device))
     argmax, soft = canvas, None
+    free = restriction.free(B, C) if restriction is not None else None
     history = torch.full((cfg.stability_threshold, B, C), -1, device=device)
     # Transformers keeps denoising rows that already ended (and pads them afterwards); otherwise skip them.
     done = torch.zeros_like(finished) if reference else finished.clone()
@@ -206,7 +207,8 @@ def _denoise(
             new_argmax = torch.where(done[:, None], argmax, new_argmax)
             new_canvas = torch.where(done[:, None], canvas, new_canvas)
             new_soft = torch.where(done[:, None, None], soft, new_soft)
-        done = done | (stable(history, new_argmax) & (H.mean(-1) < cfg.confidence_threshold))
+        mean_entropy = H.mean(-1) if restriction is None else H.sum(-1) / free
+        done = done | (stable(history, new_argmax) & (mean_entropy < cfg.confidence_threshold))
         if on_draft is not None:
             changed = new_argmax != argmax
             on_draft(Draft(k, step, *(t.cpu() for t in (new_argmax, accepted, changed, done, new_canvas))))
@@ -272,7 +274,8 @@ class DeviceLoop:
         allow_vocab = allow_sampler = None
         if restriction is not None:
             index, bits = restriction.bitset(B, C, V)
-            allow_vocab, allow_sampler = (index, bits), (index, restriction.ids, restriction.counts)
+            allow_vocab = (index, bits)
+            allow_sampler = (index, restriction.ids, restriction.counts, restriction.free(B, C))
         state.start(canvas, finished)
         self.flags.fill_(1)
         for step in range(cfg.max_denoising_steps):
