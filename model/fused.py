@@ -5,6 +5,8 @@ the reference layer it replaces (tests/test_attention.py, test_moe.py)."""
 
 from __future__ import annotations
 
+import torch
+
 from ..kernels.attention import attention, norm_rope
 from ..kernels.moe import moe, route
 from .model import Attention, CachePass, DiffusionGemma, Experts, Router
@@ -12,9 +14,12 @@ from .model import Attention, CachePass, DiffusionGemma, Experts, Router
 
 class FusedAttention(Attention):
     """Steps 2-9 with the norms and RoPE in one prologue kernel that writes K/V straight into the cache, and a flash
-    attention over the cache's band (no mask tensor, no cos/sin tables)."""
+    attention over the cache's band (no mask tensor, no cos/sin tables). A pass over several rows, each in its own
+    cache (runtime/rows.py), runs the kernels row by row."""
 
     def forward(self, x, p: CachePass):
+        if rows := getattr(p, "rows", None):  # runtime/rows.RowsPass: each row at its own position in its own cache
+            return torch.cat([self.forward(xi, row) for xi, row in zip(x.split(1), rows, strict=True)])
         B, T, _ = x.shape
         q_raw, k_raw, v_raw = self.project(x)
         cache, n, inv_freq = p.cache, p.start, p.model.inv_freq(self.kind)
