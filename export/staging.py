@@ -74,23 +74,40 @@ def sweep(out: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def sigterm_exits():
-    """While the block runs, SIGTERM raises SystemExit(143) (the status a shell reports for it), as SIGINT raises
-    KeyboardInterrupt: the cleanup of `staging` then runs before the process ends. Only the main thread can set
-    handlers, and a handler someone else installed (or SIG_IGN) is theirs to keep."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield
-        return
+class Interrupts:
+    """While a block runs, SIGINT raises KeyboardInterrupt and SIGTERM SystemExit(143) (the status a shell reports
+    for it), so the cleanup of `staging` runs before the process ends; either is also recorded in `received`, because
+    a library in the block may catch the exception (torch.onnx's exporter has swallowed a Ctrl-C) and the export must
+    not be moved into place after it. Only the main thread can set handlers, and a handler someone else installed
+    (or SIG_IGN) is theirs to keep."""
 
-    def stop(signum, frame):
+    DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for signum, default in self.DEFAULTS.items():
+                if signal.getsignal(signum) == default:
+                    self.previous[signum] = signal.signal(signum, self.stop)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def stop(self, signum, frame):
+        self.received = signum
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    def check(self) -> None:
+        """Raises again for a signal that arrived during the block, if its exception was caught on the way."""
+        if self.received is not None:
+            self.stop(self.received, None)
 
 
 @contextlib.contextmanager
@@ -102,7 +119,7 @@ def staging(out, **sources):
     out = output_folder(out, **sources)
     created = [p for p in reversed(out.absolute().parents) if not p.exists()]
     tmp = None
-    with sigterm_exits():
+    with Interrupts() as interrupts:
         try:
             try:
                 for parent in created:
@@ -115,6 +132,7 @@ def staging(out, **sources):
             except OSError as e:
                 raise ExportError(f"cannot write {out}: {e.strerror} ({e.filename})") from e
             yield tmp
+            interrupts.check()
             try:
                 if out.exists():
                     out.rmdir()

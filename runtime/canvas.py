@@ -109,10 +109,8 @@ class CanvasControl:
                     raise DgemmaError(f"position {position} is pinned to {token}, which its allowed set excludes")
                 sets[r].setdefault(position, ids)
         by_canvas = {}
-        for k in range(canvases):
+        for k in sorted({p // C for row in sets for p in row}):  # only canvases with restricted positions
             entries = [(r, p - k * C, ids) for r in range(rows) for p, ids in sorted(sets[r].items()) if p // C == k]
-            if not entries:
-                continue
             width = max(len(ids) for _, _, ids in entries)
             by_canvas[k] = Restriction(
                 rows=torch.tensor([r for r, _, _ in entries], device=device),

@@ -703,3 +703,17 @@ def test_polygraphy_goldens_for_the_engine_comparison(tiny_checkpoint, fp32, tmp
     script = (out / "compare.sh").read_text()
     assert 'polygraphy run "$1/decoder.engine" --model-type engine --trt --atol' in script
     assert "--load-inputs" in script and "--load-outputs" in script
+
+
+def test_an_interrupt_a_library_swallows_still_stops_the_export(tmp_path):
+    """A Ctrl-C that code inside the block catches (torch.onnx's exporter has) still keeps the export from being
+    moved into place, and nothing is left at --out or beside it."""
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with staging.staging(out) as tmp:
+            (tmp / "half").write_text("x")
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+            except KeyboardInterrupt:
+                pass  # what a library catching BaseException does
+    assert not out.exists() and list(tmp_path.iterdir()) == []
