@@ -380,8 +380,10 @@ class Pipeline:
             if isinstance(item, list) and item and all(is_int(t) for t in item):
                 rows.append(list(item))
                 continue
-            if not isinstance(item, (str, list)):
-                raise DgemmaError(f"a prompt row is a str, chat messages or token ids, not {type(item).__name__}")
+            messages = isinstance(item, list) and all(isinstance(m, dict) for m in item)
+            if not isinstance(item, str) and not messages:
+                shown = repr(item) if len(repr(item)) < 80 else type(item).__name__
+                raise DgemmaError(f"a prompt row is a str, chat messages or token ids (integers), not {shown}")
             if self.tokenizer is None:
                 raise DgemmaError("this checkpoint has no tokenizer.json: pass token ids")
             self.check_length(item)

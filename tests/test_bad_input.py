@@ -150,6 +150,7 @@ def pipe(tiny_checkpoint):
         ([{"role": "user", "content": 3}], {}, "content"),
         ([{"role": "robot", "content": "hi"}], {}, "unknown role"),
         (3.5, {}, "a prompt is"),
+        ([[2.0, 5.5]], {}, "token ids (integers), not [2.0, 5.5]"),  # not read as chat messages
         (torch.ones(2, 3), {}, "a prompt tensor holds token ids"),
         ("hi", {"t_min": math.nan}, "t_min"),
         ("hi", {"entropy_bound": math.inf}, "entropy_bound"),
