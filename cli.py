@@ -30,6 +30,7 @@ COMMANDS = {
     "eval": "dgemma.sudoku.cli:evaluate",
     "train": "dgemma.sudoku.cli:train",
     "export": "dgemma.export.cli:run",
+    "serve": "dgemma.serve.cli:run",
 }
 
 
@@ -111,6 +112,7 @@ def parser() -> argparse.ArgumentParser:
     add_generate(sub)
     add_sudoku(sub)
     add_export(sub)
+    add_serve(sub)
     return p
 
 
@@ -219,6 +221,32 @@ def add_export(sub) -> None:
     g.add_argument("--onnx", type=path, required=True, help="an fp32 folder written by `dgemma export onnx`")
     g.add_argument("--out", type=path, required=True, help="new folder for inputs.json, golden.json and compare.sh")
     g.add_argument("--dtype", choices=EXPORT_DTYPES, default="bf16", help="the engine's dtype")
+
+
+def add_serve(sub) -> None:
+    def port(text: str) -> int:
+        value = number(text, int, 0, "a port number from 0 to 65535")
+        if value > 65535:
+            raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, not {text!r}")
+        return value
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (README: Serving)")
+    s.add_argument("--model", type=path, help="checkpoint folder (default: the shipped 4x4 Sudoku model)")
+    s.add_argument("--name", help="the model name clients send (default: the checkpoint folder's name)")
+    s.add_argument("--backend", choices=BACKENDS + ENGINE_BACKENDS, default="torch")
+    s.add_argument("--engine", type=path, help="onnxruntime, tensorrt: the folder `dgemma export` wrote")
+    s.add_argument("--dtype", choices=DTYPES, help="default: fp32 for the shipped Sudoku model, else bf16")
+    s.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
+    s.add_argument("--window", choices=WINDOW_MODES, default="shared", help="decoder sliding window")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=port, default=8000, help="0: any free port (the server prints it)")
+    s.add_argument("--max-batch", type=positive_int, default=8, help="requests denoised together per decoder pass")
+    s.add_argument("--max-queue", type=positive_int, default=64, help="requests waiting for a row; beyond: 429")
+    s.add_argument("--max-body", type=positive_int, default=1 << 20, help="largest request body in bytes")
+    s.add_argument("--api-key", help="clients must send 'Authorization: Bearer KEY' (default: $DGEMMA_API_KEY)")
+    s.add_argument("--threads", type=positive_int, default=1, help=THREADS)
+    s.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (pip install 'dgemma[serve]')")
+    s.add_argument("--replicas", type=positive_int, default=1, help="--ray: model replicas behind one address")
 
 
 def main(argv=None) -> int:
