@@ -337,7 +337,7 @@ class DiffusionGemma(nn.Module):
         `self_conditioning` is the previous step's processed (temperature-scaled) logits; None at a canvas's first step.
         Checks the ids (one host sync); the generation loops' own passes go through `decode`, which does not.
         """
-        check_ids(canvas_ids, self.config.vocab_size, cache, "canvas_ids")
+        check_ids(canvas_ids, self.config.vocab_size, cache, "canvas_ids", self.config.canvas_length)
         soft = None if self_conditioning is None else self.soft_embedding(self_conditioning)
         return self.logits(self.decode(canvas_ids, cache, soft))
 
@@ -392,14 +392,16 @@ class CachePass(Pass):
         return attention(q.transpose(1, 2), keys, values, self._mask[kind]).transpose(1, 2)
 
 
-def check_ids(ids, vocab_size: int, cache: KVCache, what: str) -> None:
-    """Token ids (B, T) from outside the model: an integer tensor of the cache's batch, every id a token. On a GPU an
-    out-of-range id would be a device-side assert that poisons the process, so it is refused here (one host sync)."""
+def check_ids(ids, vocab_size: int, cache: KVCache, what: str, length: int | None = None) -> None:
+    """Token ids (B, T) from outside the model: an integer tensor of the cache's batch (and `length` tokens a row),
+    every id a token. On a GPU an out-of-range id would be a device-side assert that poisons the process, so it is
+    refused here (one host sync)."""
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
         found = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise DgemmaError(f"{what} must be an integer tensor (batch, tokens), not {found}")
-    if ids.shape[0] != cache.batch or ids.shape[1] == 0:
-        raise DgemmaError(f"{what} {tuple(ids.shape)} must hold {cache.batch} row(s) (the cache's batch) of tokens")
+    if ids.shape[0] != cache.batch or ids.shape[1] == 0 or ids.shape[1] != (length or ids.shape[1]):
+        tokens = "tokens" if length is None else f"{length} tokens (the canvas)"
+        raise DgemmaError(f"{what} {tuple(ids.shape)} must hold {cache.batch} row(s) (the cache's batch) of {tokens}")
     low, high = torch.stack(ids.aminmax()).tolist()
     if low < 0 or high >= vocab_size:
         raise DgemmaError(f"{what} holds token ids outside the vocabulary [0, {vocab_size}): {low} to {high}")

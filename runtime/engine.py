@@ -115,10 +115,7 @@ class EngineModel:
     @torch.no_grad()
     def denoise(self, canvas_ids, cache: KVCache, self_conditioning=None):
         """As DiffusionGemma.denoise -> fp32 soft-capped logits (B, C, V)."""
-        check_ids(canvas_ids, self.config.vocab_size, cache, "canvas_ids")
-        if canvas_ids.shape[1] != self.config.canvas_length:  # the decoder graph's canvas is static
-            shape, C = tuple(canvas_ids.shape), self.config.canvas_length
-            raise DgemmaError(f"canvas_ids {shape} must hold {cache.batch} row(s) (the cache's batch) of {C} tokens")
+        check_ids(canvas_ids, self.config.vocab_size, cache, "canvas_ids", self.config.canvas_length)
         canvas_ids = canvas_ids.long()
         soft = None if self_conditioning is None else self.soft_embedding(self_conditioning)
         out = self.decode(canvas_ids, cache, soft)

@@ -188,6 +188,8 @@ def test_direct_model_calls(pipe):
         model.encode(torch.ones(1, 3, dtype=torch.long), cache)  # a cache of another batch
     with pytest.raises(DgemmaError, match="canvas_ids holds token ids outside"):
         model.denoise(torch.full((2, 8), -5), cache)
+    with pytest.raises(DgemmaError, match=r"of 8 tokens \(the canvas\)"):
+        model.denoise(torch.ones(2, 5, dtype=torch.long), cache)  # the decoder denoises whole canvases
     with pytest.raises(DgemmaError, match="max_position_embeddings"):
         model.new_cache(1, 10**9)  # more positions than the model has: refused, not allocated
     with pytest.raises(DgemmaError, match="is full"):
