@@ -79,7 +79,7 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
         card = {
             "id": service.name, "object": "model", "created": 0, "owned_by": "dgemma",
             "max_model_len": config.max_position_embeddings, "canvas_length": config.canvas_length,
-            "chat": service.chat,
+            "chat": service.chat, "dtype": str(service.pipe.model.dtype).removeprefix("torch."),
         }  # fmt: skip
         return {"object": "list", "data": [card]}
 

@@ -19,6 +19,7 @@ from ..sudoku.solve import shipped
 
 API_KEY_ENV = "DGEMMA_API_KEY"
 REQUIRES = ("fastapi", "uvicorn", "prometheus_client")  # the `serve` extra; --ray also needs ray
+GRACE = 10  # seconds
 
 
 def api_key(args) -> str | None:
@@ -51,7 +52,6 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from e
-    sock.set_inheritable(True)
     return sock
 
 
@@ -80,7 +80,9 @@ def run(args, console: Console) -> None:
     if key is None and not is_loopback(host):
         console.print(f"[bold red]warning:[/] {host} is reachable from other machines and no API key is set")
     logging.basicConfig(level=logging.INFO)
-    config = uvicorn.Config(create_app(service, api_key=key, max_body=args.max_body), log_level="info")
+    app = create_app(service, api_key=key, max_body=args.max_body)
+    # On Ctrl-C running requests get this long to finish; the engine stops after them.
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=GRACE)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully and raises it again; a normal stop

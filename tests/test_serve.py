@@ -3,6 +3,7 @@ completions endpoint, streams and drafts, seeded output equal to `Pipeline.gener
 sharing passes, every refusal with its status and error object, the queue limit, disconnects, a failing request
 among others, a bounded load test, and the command line."""
 
+import csv
 import http.client
 import json
 import os
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
@@ -24,6 +26,7 @@ from dgemma.sudoku import board
 
 from serving import LiveServer, events
 
+ROOT = Path(__file__).resolve().parents[1]
 NAME = "sudoku-4x4"
 PUZZLES = ["0024000000020300", "1000000200030004", "0000000000000000", "1200340000000000", "0300000100040020"]
 
@@ -410,3 +413,17 @@ def test_cli_serves_until_interrupted(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+
+
+def test_bench_serve_smoke(server, tmp_path):
+    """benchmarks/bench_serve.py --smoke against this server: a complete results row per concurrency."""
+    out = tmp_path / "rows.csv"
+    cmd = [sys.executable, ROOT / "benchmarks" / "bench_serve.py", "--smoke", "--url", server.url, "--out", out]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [row["shape"] for row in rows] == [f"clients={c} model={NAME} C=17" for c in (1, 2)]
+    for row in rows:
+        assert row["op"] == "serve" and row["unit"] == "req/s" and float(row["value"]) > 0 and row["dtype"] == "float32"
+        assert 0 < float(row["p20_ms"]) <= float(row["p50_ms"]) <= float(row["p80_ms"])
+        assert "4 requests" in row["note"] and "; 0 errors;" in row["note"]
