@@ -10,6 +10,8 @@ the request.
 
 from __future__ import annotations
 
+import signal
+import sys
 import time
 
 from rich.console import Console
@@ -53,13 +55,14 @@ def build_app(args: dict | None = None):
 
 def run_ray(args, key: str | None, console: Console) -> None:
     """`dgemma serve --ray`: a local Ray instance (or the cluster RAY_ADDRESS names), Serve's proxy on --host:--port,
-    until interrupted."""
+    until Ctrl-C or SIGTERM, which shut the deployment and the instance down."""
     try:
         import ray
         from ray import serve
     except ImportError as e:
         raise DgemmaError(f"--ray needs {e.name}: pip install 'dgemma[serve]'") from e
     ray.init(include_dashboard=False)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a service manager's stop: shut Ray down as Ctrl-C does
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(application(args, key), name="dgemma", route_prefix="/")
