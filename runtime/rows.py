@@ -113,14 +113,14 @@ class RowEngine:
     ) -> Row:
         """A checked row for `add`: prompt (P,) or (1, P) token ids, `warm_start` the first canvas's C ids or None,
         `pinned` and `allowed` as `Pipeline.generate` takes them for one row (runtime/canvas.py); refuses what
-        `generate_ids` refuses, before anything is allocated. Reads only the model's config."""
+        `generate_ids` refuses, before anything is allocated. Reads only the model's config and device."""
         if not isinstance(cfg, SamplingConfig):
             raise DgemmaError(f"cfg must be a SamplingConfig, not {type(cfg).__name__}")
         if not is_int(seed) or not 0 <= seed < 2**63:
             raise DgemmaError(f"seed must be an integer in [0, 2**63), not {seed!r}")
         device, positions = self.model.device, self.model.config.max_position_embeddings
         cfg.check_vocabulary(self.V)
-        prompt = torch.as_tensor(prompt, device=device)
+        prompt = ids_tensor(prompt, "the prompt", device)
         if prompt.numel() == 0:
             raise DgemmaError("empty prompt")
         prompt = prompt[None] if prompt.dim() == 1 else prompt
@@ -134,7 +134,7 @@ class RowEngine:
                 f"need {P + canvases * self.C} positions; the model has {positions} (max_position_embeddings)"
             )
         if warm_start is not None:
-            warm_start = torch.as_tensor(warm_start, device=device)
+            warm_start = ids_tensor(warm_start, "warm_start", device)
             if warm_start.is_floating_point() or warm_start.dtype == torch.bool or warm_start.numel() != self.C:
                 found = f"{warm_start.dtype} {tuple(warm_start.shape)}"
                 raise DgemmaError(f"warm_start holds the first canvas's {self.C} token ids, not {found}")
@@ -310,6 +310,14 @@ class RowEngine:
         row.sequences, row.cache = sequences, None  # the cache's memory goes back at once
         if row.on_end is not None:
             row.on_end(row)
+
+
+def ids_tensor(ids, what: str, device) -> torch.Tensor:
+    """Token ids as given (a list or tensor) -> a tensor; what cannot be one is a DgemmaError naming `what`."""
+    try:
+        return torch.as_tensor(ids, device=device)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise DgemmaError(f"{what} must be token ids (a list or tensor of integers): {e}") from e
 
 
 def generate_rows(model: Model, requests: list[dict], *, max_batch: int = 8, arrivals=None) -> list[Row]:

@@ -167,6 +167,8 @@ def test_abort_fails_every_row(tiny):
         (dict(prompt=[]), "empty"),
         (dict(prompt=[5, 300]), "outside"),
         (dict(prompt=[[5], [6]]), "one prompt"),
+        (dict(prompt=[[5], [6, 7]]), "token ids"),
+        (dict(prompt=[5.5]), "integer tensor"),
         (dict(seed=-1), "seed"),
         (dict(prompt=[5] * 500), "positions"),
         (dict(warm_start=[1, 2]), "warm_start"),
