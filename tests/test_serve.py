@@ -135,6 +135,13 @@ def test_stream_wire_format(server):
                           "text", "token_ids"}  # fmt: skip
 
 
+def pass_counters(server) -> tuple[float, float]:
+    """The server's decoder pass counter and its rows over those passes, from /metrics."""
+    text = server.request("GET", "/metrics")[2]
+    values = dict(line.split(" ") for line in text.splitlines() if line.startswith("dgemma_decoder_"))
+    return float(values["dgemma_decoder_passes_total"]), float(values["dgemma_decoder_rows_total"])
+
+
 def test_concurrent_streams_equal_alone_and_share_passes(server, client):
     """8 streaming clients at once, each with its own seed and sampling parameters: every one gets the tokens it
     gets alone, while the engine ran fewer decoder passes than the rows it denoised."""
@@ -146,8 +153,7 @@ def test_concurrent_streams_equal_alone_and_share_passes(server, client):
         )  # fmt: skip
         for i in range(8)
     ]
-    engine = server.service.engine
-    before = engine.decoder_passes, engine.decoder_rows
+    before = pass_counters(server)
     start = threading.Barrier(len(requests))
 
     def run(request):
@@ -162,7 +168,8 @@ def test_concurrent_streams_equal_alone_and_share_passes(server, client):
     with ThreadPoolExecutor(len(requests)) as pool:
         got = list(pool.map(run, requests))
     server.wait_idle()
-    passes, rows = engine.decoder_passes - before[0], engine.decoder_rows - before[1]
+    after = pass_counters(server)
+    passes, rows = after[0] - before[0], after[1] - before[1]
     for (puzzle, seed, extra), tokens in zip(requests, got, strict=True):
         assert tokens == alone(server, puzzle, seed, **extra).tokens[0]
     assert rows >= 8 * 4 and passes < rows / 2  # the rows shared passes
