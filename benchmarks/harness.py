@@ -72,8 +72,8 @@ def result_row(meta: dict, *, op, provider, shape, dtype, times, unit, value, ce
     p50, p20, p80 = times
     return dict(
         meta, op=op, provider=provider, shape=shape, dtype=dtype,
-        p50_ms=f"{p50:.4f}", p20_ms=f"{p20:.4f}", p80_ms=f"{p80:.4f}", unit=unit, value=f"{value:.1f}",
-        ceiling=f"{ceiling:.1f}", pct_of_ceiling=f"{100 * value / ceiling:.1f}", note=note,
+        p50_ms=f"{p50:.4f}", p20_ms=f"{p20:.4f}", p80_ms=f"{p80:.4f}", unit=unit, value=f"{value:.4g}",
+        ceiling=f"{ceiling:.4g}", pct_of_ceiling=f"{100 * value / ceiling:.1f}", note=note,
     )  # fmt: skip
 
 
