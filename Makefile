@@ -20,8 +20,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Two workers of one thread each, a test file per worker at a time (its module fixtures built once): on 2 cores that
+# halves the run, where two-thread torch in two processes would stall.
 test: lint
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 # The embedded default: 0.14M-parameter DiffusionGemmas trained from scratch on 4x4 and 6x6 Sudoku (sudoku/models/)
 # solve a puzzle each on the CPU, showing every denoising step, then face their autoregressive twins on 200 puzzles.
