@@ -81,14 +81,12 @@ def apply_rope(x, cos, sin):
 
 
 def attention(q, k, v, mask):
-    """Score scale 1.0, no softcap, fp32 softmax. q (B, H, T, d); k, v (B, Hkv, S, d); mask (B, 1, T, S) bool."""
-    B, H, T, d = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    G = H // Hkv  # query head h reads KV head h // G
-    s = q.reshape(B, Hkv, G * T, d) @ k.transpose(-1, -2)  # (B, Hkv, G*T, S)
-    s = s.view(B, Hkv, G, T, S).float().masked_fill(~mask[:, None], torch.finfo(torch.float32).min)
-    p = s.softmax(-1).to(q.dtype).view(B, Hkv, G * T, S)
-    return (p @ v).view(B, H, T, d)
+    """Score scale 1.0, no softcap, a softmax over the keys `mask` allows: q (B, H, T, d); k, v (B, Hkv, S, d);
+    mask (B, 1, T, S) bool. A masked score gets the dtype's least finite value, not -inf, so a query that sees no key
+    (a left-padding row) averages the values instead of turning NaN. Query head h reads KV head h // (H / Hkv)."""
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
