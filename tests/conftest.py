@@ -61,3 +61,12 @@ def cache_at():
         return cache
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny steps: a second OpenMP thread only adds synchronization, and stalls when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,13 +22,7 @@ from dgemma.training.trainer import init_weights, train
 TINY = dict(size=4, batch=16, hidden=32, warmup=5, lr=3e-3)  # about 20 ms a step
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny steps: a second OpenMP thread only adds synchronization, and stalls when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_corruption_redraws_a_fraction_t_uniformly_over_the_vocabulary():
