@@ -171,48 +171,68 @@ def check_prompt(prompt, attention_mask, vocab_size: int) -> tuple[int, int]:
     return B, P
 
 
+@dataclass
+class StepOut:
+    """What one denoising step decides for a canvas (B, C): the next canvas, the argmax, what was accepted, the
+    entropies, the next soft embedding (B, C, D), and whether each row's stop test passed (B,)."""
+
+    canvas: torch.Tensor
+    argmax: torch.Tensor
+    accepted: torch.Tensor
+    entropy: torch.Tensor
+    soft: torch.Tensor
+    confident: torch.Tensor
+
+
+def denoise_step(model, out, t, cfg, draws, *, scores=None, buffer=None, restriction=None) -> StepOut:
+    """The sampler's step on a decoder pass's output (hidden states, or an engine's logits) at temperature t: the
+    scaled logits (masked where `restriction` says), then transformers' ops in transformers' order (`scores` None, the
+    reference) or `FastScores` (whose probabilities give the next soft embedding), entropy-bound acceptance, renoise,
+    and the confidence half of the stop test. The PyTorch loop and runtime/rows.py's RowEngine both step through it."""
+    z = out / t if model.decoder_output == "logits" else model.logits(out, out=buffer).div_(t)  # (B, C, V) fp32
+    if restriction is not None:
+        restriction.mask_(z)
+    if scores is None:
+        sample, argmax, H = draws.sample(z.softmax(-1, dtype=torch.float32)), z.argmax(-1), entropy(z)
+        soft = model.soft_embedding(z.to(model.dtype))
+    else:
+        sample, argmax, H, probs = scores(z, draws)
+        soft = expected_embedding(probs, model.embed_tokens.weight)
+    accepted = entropy_bound_accept(H, cfg.entropy_bound)
+    renoise = draws.canvas(*argmax.shape, model.config.vocab_size, z.device)
+    canvas = torch.where(accepted, sample, renoise if restriction is None else restriction.project_(renoise))
+    # the mean entropy over the positions not pinned: a pinned position's is 0
+    B, C = argmax.shape
+    mean_entropy = H.mean(-1) if restriction is None else H.sum(-1) / restriction.free(B, C)
+    return StepOut(canvas, argmax, accepted, H, soft, mean_entropy < cfg.confidence_threshold)
+
+
 def _denoise(
     model, canvas, cache, cfg, draws, finished, passes, stats, k, reference, on_draft, restriction
 ) -> torch.Tensor:
-    """One canvas (B, C) in PyTorch, one host sync per step -> the argmax canvas to commit.
-
-    The reference computes transformers' ops in transformers' order; otherwise `fast_scores` gives the same
-    quantities with fewer passes over the (B, C, V) logits, and its probabilities feed the next step's soft embedding.
-    """
+    """One canvas (B, C) in PyTorch, one host sync per step -> the argmax canvas to commit."""
     B, C, V, device = *canvas.shape, model.config.vocab_size, canvas.device
-    table = model.embed_tokens.weight
     scores, buffer = (None, None) if reference else (FastScores((B, C, V), device), torch.empty(B, C, V, device=device))
     argmax, soft = canvas, None
-    free = restriction.free(B, C) if restriction is not None else None
     history = torch.full((cfg.stability_threshold, B, C), -1, device=device)
     # Transformers keeps denoising rows that already ended (and pads them afterwards); otherwise skip them.
     done = torch.zeros_like(finished) if reference else finished.clone()
     for step, remaining in enumerate(range(cfg.max_denoising_steps, 0, -1)):
         passes += ~(done | finished)
         out = model.decode(canvas, cache, soft)
-        t = temperature(remaining, cfg)
-        z = out / t if model.decoder_output == "logits" else model.logits(out, out=buffer).div_(t)  # (B, C, V) fp32
-        if restriction is not None:
-            restriction.mask_(z)
-        if reference:
-            sample, new_argmax, H = draws.sample(z.softmax(-1, dtype=torch.float32)), z.argmax(-1), entropy(z)
-            new_soft = model.soft_embedding(z.to(model.dtype))
-        else:
-            sample, new_argmax, H, probs = scores(z, draws)
-            new_soft = expected_embedding(probs, table)
-        accepted = entropy_bound_accept(H, cfg.entropy_bound)
-        renoise = draws.canvas(B, C, V, device)
-        new_canvas = torch.where(accepted, sample, renoise if restriction is None else restriction.project_(renoise))
+        s = denoise_step(
+            model, out, temperature(remaining, cfg), cfg, draws, scores=scores, buffer=buffer, restriction=restriction
+        )
+        new_canvas, new_argmax, new_soft = s.canvas, s.argmax, s.soft
         if soft is not None:  # stopped rows stay frozen
             new_argmax = torch.where(done[:, None], argmax, new_argmax)
             new_canvas = torch.where(done[:, None], canvas, new_canvas)
             new_soft = torch.where(done[:, None, None], soft, new_soft)
-        mean_entropy = H.mean(-1) if restriction is None else H.sum(-1) / free
-        done = done | (stable(history, new_argmax) & (mean_entropy < cfg.confidence_threshold))
+        done = done | (stable(history, new_argmax) & s.confident)
         if on_draft is not None:
             changed = new_argmax != argmax
-            on_draft(Draft(k, step, *(t.cpu() for t in (new_argmax, accepted, changed, done, new_canvas))))
-        stats.accepted_per_step.append(accepted.sum(-1).float().mean().item())
+            on_draft(Draft(k, step, *(t.cpu() for t in (new_argmax, s.accepted, changed, done, new_canvas))))
+        stats.accepted_per_step.append(s.accepted.sum(-1).float().mean().item())
         canvas, argmax, soft = new_canvas, new_argmax, new_soft
         if done.all():
             break

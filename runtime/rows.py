@@ -31,11 +31,11 @@ import torch
 
 from ..errors import DgemmaError
 from ..model.config import is_int
-from ..model.model import CachePass, DiffusionGemma, Pass, expected_embedding
+from ..model.model import CachePass, DiffusionGemma, Pass
 from .canvas import CanvasControl
 from .interface import Model
-from .pipeline import Draft, Stats, check_prompt
-from .sampler import FastScores, SamplingConfig, SeededDraws, entropy_bound_accept, finalize_canvas, stable, temperature
+from .pipeline import Draft, Stats, check_prompt, denoise_step
+from .sampler import FastScores, SamplingConfig, SeededDraws, finalize_canvas, stable, temperature
 
 
 class RowsPass(Pass):
@@ -264,25 +264,19 @@ class RowEngine:
 
     def _advance(self, row: Row, out: torch.Tensor) -> None:
         """One step of `pipeline._denoise` for this row (B = 1, default mode), then its commit if the canvas stops."""
-        model, cfg, C, V = self.model, row.cfg, self.C, self.V
+        cfg = row.cfg
         row.passes += 1
         t = temperature(cfg.max_denoising_steps - row.step, cfg)
-        z = out / t if model.decoder_output == "logits" else model.logits(out, out=self.logits).div_(t)
-        if row.restriction is not None:
-            row.restriction.mask_(z)
-        sample, argmax, H, probs = self.scores(z, row.draws)
-        soft = expected_embedding(probs, model.embed_tokens.weight)
-        accepted = entropy_bound_accept(H, cfg.entropy_bound)
-        renoise = row.draws.canvas(1, C, V, z.device)
-        if row.restriction is not None:
-            row.restriction.project_(renoise)
-        canvas = torch.where(accepted, sample, renoise)
-        row.done = row.done | (stable(row.history, argmax) & (H.mean(-1) < cfg.confidence_threshold))
+        s = denoise_step(
+            self.model, out, t, cfg, row.draws, scores=self.scores, buffer=self.logits, restriction=row.restriction
+        )
+        row.done = row.done | (stable(row.history, s.argmax) & s.confident)
         if row.on_draft is not None:
-            changed = argmax != row.argmax
-            row.on_draft(Draft(row.k, row.step, *(t.cpu() for t in (argmax, accepted, changed, row.done, canvas))))
-        row.stats.accepted_per_step.append(accepted.sum(-1).float().mean().item())
-        row.canvas, row.argmax, row.soft = canvas, argmax, soft
+            changed = s.argmax != row.argmax
+            host = (s.argmax, s.accepted, changed, row.done, s.canvas)
+            row.on_draft(Draft(row.k, row.step, *(t.cpu() for t in host)))
+        row.stats.accepted_per_step.append(s.accepted.sum(-1).float().mean().item())
+        row.canvas, row.argmax, row.soft = s.canvas, s.argmax, s.soft
         row.step += 1
         if bool(row.done.all()) or row.step == cfg.max_denoising_steps:
             self._commit(row)

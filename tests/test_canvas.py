@@ -172,3 +172,27 @@ def test_sudoku_givens_pinned_and_cells_digits(capsys):
     answer = capsys.readouterr().out.split("answer ")[-1].split()[0]
     grid = [int(c) for c in answer]
     assert board.keeps_clues(grid, board.parse(puzzle)) and all(1 <= d <= 4 for d in grid)
+
+
+def test_stop_test_averages_over_the_positions_not_pinned():
+    """Three of four positions pinned (entropy 0), the fourth uncertain (about ln 2): the mean over the free position
+    is above the threshold, so the canvas has not converged, though the mean over all four would be below it."""
+    from types import SimpleNamespace
+
+    from dgemma.runtime.pipeline import denoise_step
+    from dgemma.runtime.sampler import FastScores, SamplingConfig, SeededDraws
+
+    V = 16
+    model = SimpleNamespace(
+        decoder_output="logits", config=SimpleNamespace(vocab_size=V), embed_tokens=torch.nn.Embedding(V, 4)
+    )
+    fast = dict(scores=FastScores((1, 4, V), "cpu"))
+    out = torch.full((1, 4, V), -30.0)
+    out[0, :, :2] = 0.0  # two equally likely tokens everywhere: entropy ln 2 where free
+    control = CanvasControl.build([0, 0, 0], None, rows=1, C=4, canvases=1, V=V, device="cpu")
+    cfg = SamplingConfig(confidence_threshold=0.4)
+    step = denoise_step(model, out, torch.tensor(1.0), cfg, SeededDraws(0, "cpu"), restriction=control.at(0), **fast)
+    assert step.entropy[0, :3].abs().max() < 1e-6 and abs(step.entropy[0, 3] - math.log(2)) < 1e-4
+    assert not step.confident.item()  # ln 2 / 1 free position > 0.4 > ln 2 / 4
+    plain = denoise_step(model, out.clone(), torch.tensor(1.0), cfg, SeededDraws(0, "cpu"), **fast)
+    assert not plain.confident.item()  # no pins: every position uncertain

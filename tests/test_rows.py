@@ -37,7 +37,8 @@ TINY = [
     (list(range(3, 40)), dict(max_new_tokens=30, max_denoising_steps=4, t_min=0.1), {}),
     ([40, 41, 42, 43, 44], dict(max_new_tokens=16, entropy_bound=1.0, max_denoising_steps=6), {}),
     ([7], dict(max_new_tokens=24, stability_threshold=0, max_denoising_steps=3), {}),
-    ([100] * 20, dict(max_new_tokens=9, confidence_threshold=1.0, max_denoising_steps=6), {}),
+    # pinned positions and a stop test they move (its mean entropy is over the positions not pinned)
+    ([100] * 20, dict(max_new_tokens=9, confidence_threshold=1.0, max_denoising_steps=6), dict(pinned=[-1, 3, 4])),
 ]
 
 
