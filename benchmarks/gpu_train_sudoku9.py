@@ -2,7 +2,7 @@
 exact-solve rate on 1,000 held-out puzzles with unique solutions and 30-45 givens (`dgemma eval sudoku --size 9`'s).
 
 The recipe is sized by compute. A 1.28M-parameter masked-diffusion model solved 94 % of 9x9 puzzles exactly after
-about 8e15 training FLOP (shared/docs/sudoku.md). Here a 1.47M-parameter DiffusionGemma (hidden 128, 6 layers, 4
+about 8e15 training FLOP. Here a 1.47M-parameter DiffusionGemma (hidden 128, 6 layers, 4
 experts top-2) costs 1.49 GFLOP per training example (measured with torch's FlopCounterMode: the encoder over the
 83-token prompt, the no-gradient self-conditioning pass and the decoder over the 82-token canvas, backward
 included), so 8e15 FLOP is 5.4M examples: 5,200 steps of 1,024. That needs 35 TFLOP/s over the ~230 s left for

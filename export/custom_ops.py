@@ -5,8 +5,8 @@ them (about 16x the ideal FLOPs at top-8 of 128). With `custom_ops=True` the exp
 `dgemma` domain with the attributes full TensorRT (10.9+) needs to bind a Triton AOT plugin registered under that
 name (`plugin_namespace`, `plugin_version`, `aot=1`), and attaches a FunctionProto of the same domain and name whose
 body is the dense formulation, exported from the same torch function (graphs.dense_moe). ONNX Runtime and
-TensorRT-RTX, which have no such plugin, inline the body; full TensorRT prefers a registered plugin over the body
-(export.md sections 4.3 and 5). The plugin itself is not part of this repository.
+TensorRT-RTX, which have no such plugin, inline the body; full TensorRT prefers a registered plugin over the body.
+The plugin itself is not part of this repository.
 
 Node: dgemma::MoE(x (T, D), weights (T, K) fp32, idx (T, K) int64, gate_up_proj (E, 2I, D), down_proj (E, D, I))
 -> (T, D), in x's dtype.

@@ -4,7 +4,7 @@ the batch and the committed lengths.
 Full TensorRT (`tensorrt`) is used when it is importable: it needs a GPU to build, and the engine runs on that GPU's
 architecture (Hopper included). Otherwise TensorRT-RTX (`tensorrt_rtx`), whose builder runs on a CPU (ahead-of-time
 compile; kernels are JIT-compiled on the device at first run), but whose engines run only on consumer and
-workstation RTX GPUs: not on H100/H200 (export.md section 2). Engines are tied to the package and version that built
+workstation RTX GPUs: not on H100/H200. Engines are tied to the package and version that built
 them, which the sidecar records and runtime/engine.py checks. The export's embedding table is copied beside them.
 """
 

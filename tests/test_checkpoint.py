@@ -89,7 +89,7 @@ def test_every_tensor_equals_transformers(single, dtype):
     model = load_model(folder, dtype=dtype, device="cpu")
     theirs = hf.state_dict()
     ours = model.state_dict()
-    assert len(ours) == 96  # architecture.md 4.3: the tiny checkpoint's non-vision tensors
+    assert len(ours) == 96  # the tiny checkpoint's non-vision tensors
     for name, t in ours.items():
         assert t.dtype == dtype, name
         assert torch.equal(t, theirs[checkpoint_name(name)].to(dtype)), name
@@ -149,7 +149,7 @@ def test_vision_tensors_are_ignored(single):
     folder, hf = single
     stored = load_file(folder / SINGLE).keys()
     vision = {k for k in stored if k.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision."))}
-    assert len(stored) == 112 and len(vision) == 16  # architecture.md 4.3: 112 tensors, 96 of them text
+    assert len(stored) == 112 and len(vision) == 16  # 112 tensors, 96 of them text
     model = load_model(folder, dtype=torch.float32, device="cpu")
     assert {checkpoint_name(n) for n in model.state_dict()} == set(stored) - vision
 
@@ -303,7 +303,7 @@ def test_unknown_window(single):
 # ---------------------------------------------------------------------------------------------------------------------
 # 3. Config
 
-# The official config.json of google/diffusiongemma-26B-A4B-it (architecture.md section 2): global_head_dim and
+# The official config.json of google/diffusiongemma-26B-A4B-it: global_head_dim and
 # num_global_key_value_heads are top-level text_config fields, canvas_length sits at the top level.
 OFFICIAL = {
     "architectures": ["DiffusionGemmaForBlockDiffusion"],
@@ -457,7 +457,7 @@ def test_round_trip_through_transformers(config):
 # ---------------------------------------------------------------------------------------------------------------------
 # 4. The real model, without its weights
 
-# architecture.md 4.1: key suffix -> (sliding-layer shape, full-layer shape or None when absent).
+# The official checkpoint's layer tensors: key suffix -> (sliding-layer shape, full-layer shape or None when absent).
 LAYER_KEYS = {
     "self_attn.q_proj.weight": ([4096, 2816], [8192, 2816]),
     "self_attn.k_proj.weight": ([2048, 2816], [1024, 2816]),
