@@ -25,7 +25,7 @@ import torch
 
 from ..errors import CheckpointError, ExportError
 from .cache import KVCache
-from .checkpoint import checkpoint_name, read_config, weight_files
+from .checkpoint import checkpoint_name, read_config, read_json, weight_files
 from .config import FULL, SLIDING, WINDOW_MODES, Config, is_int
 
 NAME = "dgemma.json"
@@ -79,13 +79,9 @@ def read(folder) -> dict:
     if not path.is_file():
         raise ExportError(f"{folder} holds no {NAME}: not a folder written by `dgemma export`")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = read_json(path, ExportError)
     except OSError as e:
         raise ExportError(f"{path} is not readable: {e.strerror}") from e
-    except UnicodeDecodeError as e:
-        raise ExportError(f"{path} is not UTF-8 text: {e}") from e
-    except (ValueError, RecursionError) as e:
-        raise ExportError(f"{path} is not valid JSON: {e}") from e
     validate(meta, folder, path)
     if meta["kind"] == "onnx":
         for graph in GRAPHS:
