@@ -16,6 +16,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from ..errors import DgemmaError
+from ..model.config import is_int
 
 BOXES = {4: (2, 2), 6: (2, 3), 9: (3, 3)}  # (rows, cols) of a box
 BLANKS = {4: (8, 12), 6: (14, 22), 9: (36, 51)}  # default blank counts; 9x9: 30-45 givens, the target
@@ -98,11 +99,7 @@ def blank_range(n: int, blanks, *, unique: bool) -> tuple[int, int]:
         raise DgemmaError(f"size {n!r}: puzzles are 4x4, 6x6 or 9x9")
     if blanks is None:
         return BLANKS[n]
-    if (
-        not isinstance(blanks, tuple | list)
-        or len(blanks) != 2
-        or not all(isinstance(b, int) and not isinstance(b, bool) for b in blanks)
-    ):
+    if not isinstance(blanks, tuple | list) or len(blanks) != 2 or not all(is_int(b) for b in blanks):
         raise DgemmaError(f"blanks {blanks!r}: a pair of ints (lo, hi)")
     lo, hi = blanks
     most = n * n - MIN_CLUES[n] if unique else n * n

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import DgemmaError
 from ..model.checkpoint import save_model
-from ..model.config import Config
+from ..model.config import Config, is_int, is_number
 from ..model.model import DiffusionGemma
 
 OBJECTIVES = ("diffusion", "ar")  # the block-diffusion objective, or the autoregressive baseline
@@ -64,7 +64,7 @@ class Recipe(ABC):
         """Each (name, lowest, highest or None) field is an int (not a bool) in its range."""
         for name, lo, hi in fields:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_int(value):
                 raise DgemmaError(f"{self._name}.{name} {value!r}: an integer")
             if value < lo or (hi is not None and value > hi):
                 bounds = f" to {hi}" if hi is not None else " up"
@@ -75,7 +75,7 @@ class Recipe(ABC):
         becomes a float."""
         for name, lo, hi, below in fields:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if not is_number(value):
                 raise DgemmaError(f"{self._name}.{name} {value!r}: a number")
             if not math.isfinite(value) or value < lo or value > hi or (below and value == hi):
                 bounds = f"below {hi}" if below else "finite" if hi == math.inf else f"at most {hi}"
