@@ -42,13 +42,17 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def number(text: str, kind: type = int, low: float = -math.inf, what: str = "a number"):
-    """An option's value as `kind`, finite and at least `low`; argparse turns the refusal into its error line."""
+def number(
+    text: str, kind: type = int, low: float = -math.inf, what: str = "a number", *, high: float = math.inf,
+    above: bool = False,
+):  # fmt: skip
+    """An option's value as `kind`, finite, from `low` (or `above` it) to `high`; argparse turns the refusal into its
+    error line."""
     try:
         value = kind(text)
     except ValueError:
         value = None
-    if value is None or not math.isfinite(value) or value < low:
+    if value is None or not math.isfinite(value) or value < low or value > high or (above and value == low):
         raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}")
     return value
 
@@ -70,10 +74,7 @@ def non_negative_float(text: str) -> float:
 
 
 def positive_float(text: str) -> float:
-    value = number(text, float, 0, "a positive number")
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
-    return value
+    return number(text, float, 0, "a positive number", above=True)
 
 
 def position_ids(text: str) -> tuple[int, list[int]]:
@@ -225,10 +226,7 @@ def add_export(sub) -> None:
 
 def add_serve(sub) -> None:
     def port(text: str) -> int:
-        value = number(text, int, 0, "a port number from 0 to 65535")
-        if value > 65535:
-            raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, not {text!r}")
-        return value
+        return number(text, int, 0, "a port number from 0 to 65535", high=65535)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (README: Serving)")
     s.add_argument("--model", type=path, help="checkpoint folder (default: the shipped 4x4 Sudoku model)")
